@@ -244,6 +244,7 @@ class Tenant:
     priority: int = 0
     preemptible: bool = False
     label: str = ""  # process name / user, for explanations
+    mig_uuid: str | None = None  # the MIG instance it occupies, on a MIG-enabled GPU
 
     @property
     def held_mib(self) -> int:
