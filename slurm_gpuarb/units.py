@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 
 # bytes per unit, keys lower-case
-_SIZE_UNITS: dict[str, int] = {
+SIZE_UNITS: dict[str, int] = {
     "mib": 1 << 20,
     "gib": 1 << 30,
     "tib": 1 << 40,
@@ -36,22 +36,28 @@ class UnitError(ValueError):
     """A size or duration that cannot be read; the message says what was expected."""
 
 
+def _q(text: str, limit: int = 40) -> str:
+    """User text for an error message: escaped (repr) and cut, so it is safe in a terminal or a log."""
+    shown = text if len(text) <= limit else text[:limit] + "…"
+    return repr(shown)
+
+
 def parse_size_mib(text: str) -> int:
     """``"6GiB"`` → 6144; ``"1.5GiB"`` → 1536; ``"6GB"`` → 5723 (rounded up). Raises UnitError."""
     m = _SIZE_RE.fullmatch(text)
     if m is None:
-        raise UnitError(f"'{text}' is not a size (expected a number and a unit, {SIZE_UNITS_HELP}, e.g. 6GiB)")
+        raise UnitError(f"{_q(text)} is not a size (expected a number and a unit, {SIZE_UNITS_HELP}, e.g. 6GiB)")
     whole, frac, unit = m.groups()
-    per = _SIZE_UNITS.get(unit.lower())
+    per = SIZE_UNITS.get(unit.lower())
     if per is None:
-        raise UnitError(f"'{text}' has an unknown unit '{unit}' (expected {SIZE_UNITS_HELP})")
+        raise UnitError(f"{_q(text)} has an unknown unit {_q(unit)} (expected {SIZE_UNITS_HELP})")
     scale = 10 ** len(frac) if frac else 1
     numerator = (int(whole) * scale + (int(frac) if frac else 0)) * per
     mib = -(-numerator // (scale << 20))  # ceil division
     if mib <= 0:
-        raise UnitError(f"'{text}' is zero (a size must be at least 1MiB)")
+        raise UnitError(f"{_q(text)} is zero (a size must be at least 1MiB)")
     if mib > MAX_SIZE_MIB:
-        raise UnitError(f"'{text}' is absurdly large (at most {MAX_SIZE_MIB // (1 << 20)}TiB)")
+        raise UnitError(f"{_q(text)} is absurdly large (at most {MAX_SIZE_MIB // (1 << 20)}TiB)")
     return mib
 
 
@@ -71,18 +77,18 @@ def human_size(mib: int) -> str:
 def parse_duration_s(text: str) -> int:
     """``"90s"`` → 90, ``"1h30m"`` → 5400. Each unit at most once, largest first. Raises UnitError."""
     if _DURATION_RE.fullmatch(text) is None:
-        raise UnitError(f"'{text}' is not a duration (expected e.g. 90s, 10m, 2h, 1d or 1h30m)")
+        raise UnitError(f"{_q(text)} is not a duration (expected e.g. 90s, 10m, 2h, 1d or 1h30m)")
     seen: list[str] = []
     total = 0
     for num, unit in _DURATION_PART_RE.findall(text):
         if seen and "dhms".index(unit) <= "dhms".index(seen[-1]):
-            raise UnitError(f"'{text}' repeats or misorders its units (write them largest first, e.g. 1h30m)")
+            raise UnitError(f"{_q(text)} repeats or misorders its units (write them largest first, e.g. 1h30m)")
         seen.append(unit)
         total += int(num) * _DURATION_UNITS[unit]
     if total <= 0:
-        raise UnitError(f"'{text}' is zero (a duration must be at least 1s)")
+        raise UnitError(f"{_q(text)} is zero (a duration must be at least 1s)")
     if total > MAX_DURATION_S:
-        raise UnitError(f"'{text}' is longer than a year")
+        raise UnitError(f"{_q(text)} is longer than a year")
     return total
 
 
