@@ -286,6 +286,11 @@ class Request:
     restart_count: int = 0
     owner_uid: int | None = None
     pid: int | None = None
+    # Under Slurm the allocation is already made: the Prolog pins the request to the GPUs (NVML
+    # indices) or the MIG instance Slurm gave, and never preempts (Slurm's QoS already did).
+    pinned: tuple[int, ...] = ()
+    pinned_mig_uuid: str | None = None
+    preempt: bool = True
 
 
 @dataclass(frozen=True)
@@ -306,6 +311,7 @@ class Decision:
     mig_uuid: str | None = None
     revoke: tuple[str, ...] = ()  # lease ids an LLM-class grant preempts
     inputs: Mapping[str, Any] = field(default_factory=dict)
+    decision_id: int | None = None  # the ledger's row id, once recorded (``gpuarb explain D<id>``)
 
     @property
     def granted(self) -> bool:
