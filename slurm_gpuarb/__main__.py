@@ -1,0 +1,5 @@
+"""``python -m slurm_gpuarb`` = ``gpuarb``."""
+
+from .cli import main
+
+main()
