@@ -282,6 +282,23 @@ def _matcher_label(matcher: Matcher) -> str:
     return " ".join(f"{k}={v}" for k, v in fields if v is not None) or "fixed size"
 
 
+UNATTRIBUTED = "unattributed"
+#: Memory in use that no listed process accounts for, below which it is rounding and per-context
+#: overhead rather than a tenant (NVML rounds each process's usage to whole MiB).
+UNATTRIBUTED_SLACK_MIB = 64
+
+
+def _unattributed_mib(gpu: GpuInfo, seen_mib: int) -> int:
+    """Memory the GPU reports in use beyond what its visible processes hold: processes in another
+    PID namespace (a container), or a driver that hides them. It is real and must not be leased
+    twice. A MIG GPU's usage cannot be placed in an instance from the parent's total, so it is
+    left to the per-instance processes there."""
+    if gpu.mig_enabled:
+        return 0
+    hidden = gpu.used_mib - seen_mib
+    return hidden if hidden > UNATTRIBUTED_SLACK_MIB else 0
+
+
 def build_gpu_states(
     node: str,
     gpus: Sequence[GpuInfo],
@@ -350,7 +367,9 @@ def build_gpu_states(
 
     foreign: dict[int, list[Tenant]] = {i: [] for i in present}
     has_job_leases = bool(by_job)
+    seen_mib: dict[int, int] = {}
     for (index, pid), rec in unique.items():
+        seen_mib[index] = seen_mib.get(index, 0) + rec.used_mib
         owner: _Acc | None = by_pid.get((pid, index))
         proc = _Proc(rec, reader)
         if owner is None and has_job_leases:
@@ -406,6 +425,10 @@ def build_gpu_states(
             for r, acc, _ in res_slots[gpu.index]
         )
         tenants.extend(sorted(foreign[gpu.index], key=lambda t: t.pids))
+        hidden = _unattributed_mib(gpu, seen_mib.get(gpu.index, 0))
+        if hidden:
+            tenants.append(Tenant(kind=TenantKind.FOREIGN, id=UNATTRIBUTED, size_mib=0, observed_mib=hidden,
+                                  label="in use by no process telemetry can see"))
         states.append(GpuState(node=node, gpu=gpu, margin_mib=margin_mib, tenants=tuple(tenants)))
     return states
 

@@ -431,3 +431,19 @@ def test_ten_thousand_leases_on_one_node() -> None:
     assert all(t.kind is not TenantKind.FOREIGN for s in states for t in s.tenants)
     assert states[0].held_mib == 12288 + sum(max(8, 6 + i % 5) for i in range(0, n, 8))
     assert reader.calls == []
+
+
+def test_memory_used_by_no_visible_process_is_held_as_unattributed() -> None:
+    from slurm_gpuarb.capacity import UNATTRIBUTED, build_gpu_states, no_proc_reader
+    from slurm_gpuarb.model import GpuInfo, GpuProcess
+
+    gpu = GpuInfo(index=0, uuid="GPU-x", name="X", total_mib=24564, reserved_mib=354, used_mib=11059 + 6000)
+    proc = GpuProcess(pid=7, gpu_index=0, used_mib=11059, name="python3")
+    (state,) = build_gpu_states("n1", [gpu], [proc], [], [], 1024, proc_reader=no_proc_reader)
+    hidden = [t for t in state.tenants if t.id == UNATTRIBUTED]
+    assert len(hidden) == 1 and hidden[0].observed_mib == 6000 and hidden[0].pids == ()
+    assert state.free_mib == 24564 - 354 - 1024 - 11059 - 6000
+    # within the slack: rounding, not a tenant
+    small = GpuInfo(index=0, uuid="GPU-x", name="X", total_mib=24564, reserved_mib=354, used_mib=11059 + 40)
+    (state,) = build_gpu_states("n1", [small], [proc], [], [], 1024, proc_reader=no_proc_reader)
+    assert all(t.id != UNATTRIBUTED for t in state.tenants)
