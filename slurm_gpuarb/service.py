@@ -13,8 +13,9 @@ This is what ``gpuarb lease request`` and the node daemon call. The order of wor
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
 from . import arbiter, capacity
 from . import spec as specmod
@@ -22,7 +23,7 @@ from .config import Config, reservations_for, telemetry_for
 from .errors import LeaseSpecError, NotFoundError
 from .explain import explain_history
 from .ledger import Ledger
-from .model import Decision, DecisionRecord, GpuState, Lease, LeaseSpec, Request
+from .model import Decision, DecisionRecord, GpuInfo, GpuState, Lease, LeaseSpec, Request
 from .telemetry import Telemetry, select
 from .units import format_duration
 
@@ -90,12 +91,31 @@ class Arbitration:
                 "'gpuarb: vram=6GiB prio=batch'")
         specmod.check_classes(spec, self.cfg.policy.classes)
         spec = apply_ttl_policy(spec, self.cfg.policy.default_ttl_s, self.cfg.policy.max_ttl_s)
-        gpus = self.telemetry.gpus()
+        return self.request_spec(spec, gpu=gpu, job_id=job_id, restart_count=restart_count, pid=pid,
+                                 owner_uid=owner_uid, plane=plane, now=now)
+
+    def request_spec(self, spec: LeaseSpec, *, gpu: int | None = None, pinned: tuple[int, ...] = (),
+                     pinned_mig_uuid: str | None = None, preempt: bool = True, job_id: str | None = None,
+                     restart_count: int = 0, pid: int | None = None, owner_uid: int | None = None,
+                     plane: str = "host", now: float | None = None, gpus: Sequence[GpuInfo] | None = None,
+                     context: Mapping[str, Any] | None = None) -> tuple[Decision, Lease | None]:
+        """Ask for a lease from a spec already parsed, checked and given its TTL (the daemon sizes a
+        Slurm job's spec from its allocation; :meth:`request` parses a user's text first).
+
+        ``pinned`` / ``pinned_mig_uuid`` / ``preempt`` go to the arbiter as :class:`Request` fields (the
+        Prolog pins the GPUs Slurm gave and never preempts). ``gpus`` is a telemetry reading the caller
+        has just made, reused rather than read twice; processes are always read here. ``context``
+        (JSON-serialisable: how the Prolog sized the lease from Slurm's allocation) is stored with the
+        decision's inputs under ``"slurm"``, for ``gpuarb explain``.
+        """
+        specmod.check_classes(spec, self.cfg.policy.classes)
+        if gpus is None:
+            gpus = self.telemetry.gpus()
         procs = self.telemetry.processes()
         reservations = reservations_for(self.cfg, self.node)
         req = Request(spec=spec, node=self.node, now=time.time() if now is None else now, gpu=gpu,
-                      job_id=job_id, restart_count=restart_count, owner_uid=owner_uid,
-                      pid=pid if pid is not None else None)
+                      job_id=job_id, restart_count=restart_count, owner_uid=owner_uid, pid=pid,
+                      pinned=pinned, pinned_mig_uuid=pinned_mig_uuid, preempt=preempt)
         policy = self.cfg.policy
 
         reader = self._proc_reader()
@@ -103,7 +123,10 @@ class Arbitration:
         def decide(live: Sequence[Lease]) -> Decision:
             states = capacity.build_gpu_states(self.node, gpus, procs, reservations, live, policy.margin_mib,
                                                proc_reader=reader)
-            return arbiter.decide(req, states, policy)
+            decision = arbiter.decide(req, states, policy)
+            if context:
+                decision = replace(decision, inputs={**decision.inputs, "slurm": dict(context)})
+            return decision
 
         return self.ledger.acquire(req, decide, spec_text=specmod.format_spec(spec), plane=plane)
 

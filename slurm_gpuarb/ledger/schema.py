@@ -11,13 +11,16 @@ an upgrade never rewrites or loses what an older gpuarb wrote; ALTERs use op.bat
 * ``0002`` reservations, inventory, append-only: ``reservations``, ``inventory``, ``nodes`` (the
   row PostgreSQL locks to serialise one node's acquires) and triggers that refuse UPDATE and
   DELETE on ``decisions``.
+* ``0003`` lease peaks: ``lease_peaks``, the most VRAM a lease's processes were seen holding
+  (sampled by gpuarbd), so a release row can say granted vs used. A table of its own rather than
+  a column of ``leases``: the lease hot path (insert, end, read) stays exactly as it was.
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
-REVISIONS: tuple[str, ...] = ("0001", "0002")  # oldest first; must match migrations/versions
+REVISIONS: tuple[str, ...] = ("0001", "0002", "0003")  # oldest first; must match migrations/versions
 HEAD_REVISION = REVISIONS[-1]
 
 metadata = sa.MetaData()
@@ -98,4 +101,12 @@ nodes = sa.Table(
     "nodes",
     metadata,
     sa.Column("name", sa.Text, primary_key=True),
+)
+
+lease_peaks = sa.Table(
+    "lease_peaks",
+    metadata,
+    sa.Column("lease_id", sa.Text, primary_key=True),
+    sa.Column("peak_mib", sa.Integer, nullable=False),
+    sa.Column("sampled_at", sa.Double, nullable=False),
 )

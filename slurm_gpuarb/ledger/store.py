@@ -26,7 +26,7 @@ import contextlib
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -368,17 +368,18 @@ class Ledger:
             le = lease_from_tuple(r)
             ended.append(le)
             why = reason
-            if state == EXPIRED:
+            if state == EXPIRED and reason == "ttl":
                 why = f"TTL ran out at {le.expires_at:.0f} (lease {le.id}, job {le.job_id or '-'})"
             rows.append(_row(now, plane, action, outcome, le.node, why, lease_id=le.id, job_id=le.job_id,
                              restart_count=le.restart_count, prio=le.prio, granted_mib=le.vram_mib, inputs=inputs))
         return ended, rows
 
     def _end_leases(self, filters: tuple[str, ...], params: dict[str, Any], state: str, now: float, plane: str,
-                    reason: str, what: str, lease_id: str | None = None) -> list[Lease]:
+                    reason: str, what: str, lease_id: str | None = None,
+                    inputs: Mapping[str, Any] | None = None) -> list[Lease]:
         sql = self._sql
         with self._txn(what) as cur:
-            ended, rows = self._end(cur, filters, params, state, now, plane, reason)
+            ended, rows = self._end(cur, filters, params, state, now, plane, reason, _dumps(inputs))
             if not ended:
                 if lease_id is not None:
                     cur.execute(sql.lease_exists, {"id": lease_id})
@@ -394,19 +395,21 @@ class Ledger:
 
     def release(self, lease_id: str | None = None, *, job_id: str | None = None, restart_count: int | None = None,
                 node: str | None = None, reason: str = "released", plane: str = "host",
-                now: float | None = None) -> list[Lease]:
+                now: float | None = None, inputs: Mapping[str, Any] | None = None) -> list[Lease]:
         """Release one lease by id, or a job's live leases (filtered by ``restart_count`` and ``node`` when
         given, so a late Epilog of run 0 leaves run 1's lease alone). Idempotent: leases that already
-        ended are left as they are and get no new row. Returns the leases this call released."""
+        ended are left as they are and get no new row. Returns the leases this call released.
+        ``inputs`` is stored with each release row (the Epilog's observed peak, exit code)."""
         ts = time.time() if now is None else now
         if lease_id is not None:
             return self._end_leases(("id",), {"f_id": lease_id}, RELEASED, ts, plane, reason,
-                                    f"release lease {lease_id}", lease_id=lease_id)
+                                    f"release lease {lease_id}", lease_id=lease_id, inputs=inputs)
         if job_id is None:
             raise ValueError("release() needs a lease id or a job id")
         params: dict[str, Any] = {"f_job_id": job_id, "f_restart_count": restart_count, "f_node": node}
         filters = tuple(f for f in ("job_id", "restart_count", "node") if params[f"f_{f}"] is not None)
-        return self._end_leases(filters, params, RELEASED, ts, plane, reason, f"release job {job_id}'s leases")
+        return self._end_leases(filters, params, RELEASED, ts, plane, reason, f"release job {job_id}'s leases",
+                                inputs=inputs)
 
     def revoke(self, lease_id: str, *, reason: str, plane: str, now: float | None = None) -> Lease | None:
         """Take a live lease back (admin, reconcile). Returns it, or None if it had already ended."""
@@ -420,6 +423,77 @@ class Ledger:
         filters = ("expires_by", "node") if node is not None else ("expires_by",)
         return self._end_leases(filters, {"f_expires_by": now, "f_node": node}, EXPIRED, now, plane, "ttl",
                                 "expire leases")
+
+    def expire_lease(self, lease_id: str, *, reason: str, plane: str = "agent", now: float | None = None,
+                     inputs: Mapping[str, Any] | None = None) -> Lease | None:
+        """End one live lease as expired for ``reason`` (reconcile: its job no longer runs). Returns it,
+        or None when it had already ended (no row is written then)."""
+        ts = time.time() if now is None else now
+        ended = self._end_leases(("id",), {"f_id": lease_id}, EXPIRED, ts, plane, reason, f"expire lease {lease_id}",
+                                 lease_id=lease_id, inputs=inputs)
+        return ended[0] if ended else None
+
+    def renew(self, lease_id: str, ttl_s: int, now: float | None = None, *, plane: str = "host") -> Lease:
+        """Extend a live lease: it now expires ``ttl_s`` seconds after ``now``; one decision row.
+
+        NotFoundError when the ledger has no such lease, or when it is no longer live (ended, or its
+        TTL already ran out: its memory may be someone else's by now; ask for a new lease).
+        """
+        if ttl_s <= 0:
+            raise ValueError("renew() needs ttl_s > 0")
+        ts = time.time() if now is None else now
+        live = sa.and_(L.c.id == lease_id, L.c.state == schema.GRANTED,
+                       sa.or_(L.c.expires_at.is_(None), L.c.expires_at > ts))
+        with self._write(f"renew lease {lease_id}") as conn:
+            row = conn.execute(sa.update(L).where(live).values(expires_at=ts + ttl_s).returning(*L.c)).first()
+            if row is not None:
+                lease = lease_from_tuple(row)
+                conn.execute(D.insert(), _row(
+                    ts, plane, "renew", "renewed", lease.node, f"TTL renewed: expires {ttl_s}s from now",
+                    lease_id=lease.id, job_id=lease.job_id, restart_count=lease.restart_count, prio=lease.prio,
+                    granted_mib=lease.vram_mib, inputs=_dumps({"ttl_s": ttl_s, "expires_at": ts + ttl_s})))
+                return lease
+        old = self.get(lease_id)  # NotFoundError when it never existed
+        if old.state is LeaseState.GRANTED:
+            raise NotFoundError(f"lease {lease_id}'s TTL ran out at {old.expires_at:.0f}: it cannot be renewed; "
+                                "request a new lease")
+        raise NotFoundError(f"lease {lease_id} is no longer live ({old.state.value}): it cannot be renewed; "
+                            "request a new lease")
+
+    # ------------------------------------------------------------------ observed peaks
+
+    def record_peaks(self, peaks: Mapping[str, int], *, now: float | None = None) -> None:
+        """Remember, per lease id, the most MiB its processes were seen holding (kept if higher)."""
+        if not peaks:
+            return
+        ts = time.time() if now is None else now
+        table = schema.lease_peaks
+        stmt: Any  # both dialects' Insert have the same on_conflict_do_update API
+        if self._pg:
+            from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+            stmt = pg_insert(table)
+        else:
+            from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+            stmt = sqlite_insert(table)
+        stmt = stmt.on_conflict_do_update(index_elements=[table.c.lease_id], set_={
+            "peak_mib": sa.case((stmt.excluded.peak_mib > table.c.peak_mib, stmt.excluded.peak_mib),
+                                else_=table.c.peak_mib),
+            "sampled_at": stmt.excluded.sampled_at})
+        rows = [{"lease_id": k, "peak_mib": int(v), "sampled_at": ts} for k, v in sorted(peaks.items())]
+        with self._write("record observed peaks") as conn:
+            conn.execute(stmt, rows)
+
+    def peaks(self, lease_ids: Iterable[str]) -> dict[str, int]:
+        """The recorded peak MiB of each lease id that has one."""
+        ids = sorted(set(lease_ids))
+        if not ids:
+            return {}
+        table = schema.lease_peaks
+        with self._read("read observed peaks") as conn:
+            rows = conn.execute(sa.select(table.c.lease_id, table.c.peak_mib).where(table.c.lease_id.in_(ids)))
+            return {r[0]: int(r[1]) for r in rows}
 
     # ------------------------------------------------------------------ reading leases
 

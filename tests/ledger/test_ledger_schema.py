@@ -69,7 +69,8 @@ def _ledger_at_0001_with_rows(url: str, raw: sa.Engine) -> None:
 
 def test_an_old_revision_is_refused_then_upgraded_with_data_intact(ledger_url: str, raw: sa.Engine) -> None:
     _ledger_at_0001_with_rows(ledger_url, raw)
-    with pytest.raises(SchemaVersionError, match="revision 0001, this gpuarb needs 0002: run `gpuarb db upgrade`"):
+    expected = f"revision 0001, this gpuarb needs {HEAD_REVISION}: run `gpuarb db upgrade`"
+    with pytest.raises(SchemaVersionError, match=expected):
         Ledger.open(ledger_url)
     with Ledger.open(ledger_url, check=False) as ledger:  # open() alone never migrates
         assert ledger.revision() == "0001"
