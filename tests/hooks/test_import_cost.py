@@ -1,0 +1,82 @@
+"""The hooks' hot path imports no heavy library (SQLAlchemy alone costs ~0.4 s per job), and not the
+full config loader (hooks.common's docstring has the measurement behind that choice)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+HEAVY = ("sqlalchemy", "click", "jinja2", "alembic", "psycopg", "pynvml")
+
+
+def _modules(code: str) -> list[str]:
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.split()
+
+
+@pytest.mark.parametrize("module", ["prolog", "task_prolog", "epilog", "prolog_slurmctld", "health"])
+def test_importing_a_hook_imports_nothing_heavy(module: str) -> None:
+    code = (f"import slurm_gpuarb.hooks.{module}, sys; "
+            f"print(*sorted(m for m in sys.modules if m.split('.')[0] in {HEAVY!r}))")
+    assert _modules(code) == []
+
+
+# A whole Prolog and Epilog against a daemon (a tiny one in a thread of the same process).
+_RUN = r"""
+import json, os, socket, sys, tempfile, threading
+d = tempfile.mkdtemp(dir="/tmp")
+sock_path = os.path.join(d, "s.sock")
+srv = socket.socket(socket.AF_UNIX); srv.bind(sock_path); srv.listen(4)
+answers = {
+    "job_start": {"v": 1, "ok": True, "op": "job_start", "lease": None, "grant": {
+        "job_id": "12", "restart_count": 0, "node": "n1", "lease_id": "L1", "vram_mib": 6144, "gpus": [0],
+        "mig_uuid": None, "prio": "batch", "exports": {"GPUARB_VRAM_MB": "6144"}, "refused": None}},
+    "job_end": {"v": 1, "ok": True, "op": "job_end", "released": ["L1"]},
+}
+def serve():
+    while True:
+        c, _ = srv.accept()
+        req = json.loads(c.makefile("rb").readline())
+        c.sendall(json.dumps(answers[req["op"]]).encode() + b"\n"); c.close()
+threading.Thread(target=serve, daemon=True).start()
+cfg = os.path.join(d, "g.toml")
+with open(cfg, "w") as f:
+    f.write(f'version = 1\n[daemon]\nsocket = "{sock_path}"\nstate_dir = "{d}/state"\nlog_file = "{d}/log"\n')
+os.chmod(cfg, 0o644)
+env = {"GPUARB_CONFIG": cfg, "SLURM_JOB_ID": "12", "SLURMD_NODENAME": "n1", "SLURM_JOB_GPUS": "0",
+       "SLURM_JOB_UID": str(os.getuid()), "SLURM_JOB_COMMENT": "gpuarb: vram=6GiB"}
+from slurm_gpuarb.hooks import HOOK_MODULE
+assert HOOK_MODULE.main(env) == 0
+assert "granted" in open(f"{d}/log").read() or "released" in open(f"{d}/log").read()
+print(*sorted(m for m in sys.modules if m.split(".")[0] in HEAVY or m in ("slurm_gpuarb.config", "pathlib")))
+"""
+
+
+@pytest.mark.parametrize("module", ["prolog", "epilog"])
+def test_a_hook_run_with_the_daemon_stays_light(module: str) -> None:
+    code = _RUN.replace("HOOK_MODULE", module).replace("HEAVY", repr(HEAVY))
+    assert _modules(code) == []
+
+
+def test_task_prolog_needs_not_even_the_protocol() -> None:
+    code = ("import slurm_gpuarb.hooks.task_prolog as t, sys; t.main({'SLURM_JOB_GPUS': '0', 'SLURM_JOB_ID': '1', "
+            "'SLURMD_NODENAME': 'n1', 'GPUARB_CONFIG': '/nonexistent'}); "
+            "print(*sorted(m for m in sys.modules if m in ('slurm_gpuarb.protocol', 'slurm_gpuarb.model', 'json', "
+            "'slurm_gpuarb.client', 'socket')), file=sys.stderr)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr.split() == []
+
+
+def test_a_cpu_jobs_prolog_imports_only_its_own_modules() -> None:
+    # Most jobs of many clusters are CPU jobs, and every one of them runs the Prolog.
+    code = ("import sys; before = set(sys.modules); import slurm_gpuarb.hooks.prolog as p; "
+            "assert p.main({'SLURM_JOB_ID': '1'}) == 0; print(*sorted(set(sys.modules) - before))")
+    assert _modules(code) == ["__future__", "slurm_gpuarb", "slurm_gpuarb.errors", "slurm_gpuarb.hooks",
+                              "slurm_gpuarb.hooks.common", "slurm_gpuarb.hooks.exitcodes",
+                              "slurm_gpuarb.hooks.grants", "slurm_gpuarb.hooks.prolog", "slurm_gpuarb.logsink"]
