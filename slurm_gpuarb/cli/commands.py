@@ -468,3 +468,32 @@ def render_cmd(obj: Ctx, out_dir: str, dev_dir: str, templates: str | None, hook
     for path in render_all(obj.cfg, out_dir, dev_dir=dev_dir, hooks=hooks,
                            addressing=NodeAddressing(node_hostname, node_addr, port_base), template_dir=templates):
         click.echo(str(path))
+
+
+# ---------------------------------------------------------------------------- node
+
+
+@cli.group(cls=GpuArbGroup)
+def node() -> None:
+    """Slurm node administration.
+
+    \b
+    Example:
+      gpuarb node resume n2
+    """
+
+
+@node.command("resume")
+@click.argument("name")
+def node_resume(name: str) -> None:
+    """Resume a node the health check drained (a foreign process held VRAM) and clear its counts.
+
+    \b
+    Example:
+      gpuarb node resume n2
+    """
+    from ..hooks.health import resume_node
+    from ..slurm import select_adapter
+
+    resume_node(name, adapter=select_adapter())
+    click.echo(f"resumed {name}")
