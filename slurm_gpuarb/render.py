@@ -1,346 +1,156 @@
-"""Render the Slurm side of an inventory: ``gres.conf`` and the ``slurm.conf`` part.
+"""Render the Slurm side of an inventory: every file ``gpuarb render --out DIR`` writes.
 
-All arithmetic happens here, in Python, where it is unit-tested: shard counts, GRES
-sums, partition tiers, device files. The jinja2 templates under ``templates/etc/slurm/``
-only format what this module computed (``StrictUndefined``: a missing value is an
-error, never an empty string). A site directory may override any template by the same
-relative path (``etc/slurm/gres.conf.j2``).
+All arithmetic happens in Python, where it is unit-tested: shard counts, GRES sums, partition
+tiers, device files, QoS order, MIG placement. The jinja2 templates under ``templates/etc/``
+only format what was computed (``StrictUndefined``: a missing value is an error, never an
+empty string); their paths mirror the install paths, and a site directory may override any of
+them by the same relative path (``etc/slurm/gres.conf.j2``).
 
-The ``slurm.conf`` part is meant to be appended to a cluster's own base ``slurm.conf``
-(ports, paths, munge, cgroup, accounting). It carries what the inventory decides:
-``GresTypes``, ``SelectType``, ``PrologFlags``, the hook programs, one ``NodeName`` line
-per node with its ``Gres=`` and one ``PartitionName`` line per partition.
+Files (relative to ``--out``):
+
+=================================  ===================================================================
+``gres.conf``                      every node's GPUs, shards, MPS and MIG devices
+``slurm.conf.part``                appended to the cluster's base ``slurm.conf``: ``GresTypes``,
+                                   ``SelectType``, preemption, plugins, hooks, nodes, partitions
+``gpuarb-qos.sh``                  the idempotent ``sacctmgr`` script (:mod:`slurm_gpuarb.qos`);
+                                   not with ``accounting=False`` (no slurmdbd)
+``nvidia-mig-manager/config.yaml`` a mig-parted config per node with MIG-capable GPUs
+                                   (:mod:`slurm_gpuarb.migplan`)
+``gres-map/<node>.json``           Slurm GRES index → GPU / MIG UUID, for nodes rendered from a
+                                   discovery file (the Prolog's map)
+``job_submit.lua``,                when :mod:`slurm_gpuarb.lua` is installed (``render_lua``); the
+``cli_filter.lua``                 slurm.conf part then names the plugins
+=================================  ===================================================================
 
 Slurm 22.05 facts this module relies on (checked against Debian's 22.05.8 build):
 
 * Debian's Slurm has no NVML autodetection (no ``gpu_nvml.so``), so ``gres.conf`` says
-  ``AutoDetect=off`` and lists every device file.
+  ``AutoDetect=off`` and lists every device file (``autodetect="nvml"`` for other builds).
 * A shard GPU is ``Name=shard Count=N File=/dev/nvidiaK`` per GPU; a job's shards always
   come from one GPU, so the per-GPU count is what bounds a lease. One shard is one
   quantum of VRAM (``policy.quantum``).
+* A MIG instance is ``Name=gpu Type=<profile> MultipleFiles=/dev/nvidia<minor>,
+  /dev/nvidia-caps/nvidia-cap<GI>,/dev/nvidia-caps/nvidia-cap<CI>``. Those numbers exist only on
+  the node, so they come from ``gpuarb discover`` (:mod:`slurm_gpuarb.discover`), never from a
+  planned layout. With ``AutoDetect=off`` a node's GRES index k is its k-th ``gpu`` line, in the
+  order written here (a MIG GPU's instances in NVML's enumeration order); ``slurmd -N NODE -G``
+  shows the index Slurm gave each line. (``AutoDetect=nvml`` merges and re-sorts the lines.)
 * ``slurm.conf``'s ``Gres=`` is the per-node sum of each GRES (``gpu:a100:2,shard:154``).
+* Preemption requeues or cancels; ``SUSPEND`` is refused (a suspended job keeps its GPU
+  memory). ``PreemptType`` is written only when told whether slurmdbd runs
+  (``accounting``): ``preempt/qos`` with it, ``preempt/partition_prio`` without.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
+import inspect
+import json
 import os
-import re
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path, PurePosixPath
+from typing import Any, Final
 
 import jinja2
 
-from . import skus
-from .config import GPU_MODES, Config, GpuConfig, NodeConfig, load, telemetry_for
+from . import migplan, qos
+from .config import Config, load
+from .discover import Discovery, load_dir
 from .errors import CapacityError, GpuArbError, RenderError
-from .model import Policy, Reservation
+
+# The planning half lives in gresplan; its names stay importable from here (``render.plan_node``).
+from .gresplan import (
+    MPS_COUNT_PER_GPU,
+    SHIM_NAMES,
+    GresDevice,
+    HookPaths,
+    NodeAddressing,
+    NodePlan,
+    PartitionPlan,
+    Plan,
+    ShardBudget,
+    gres_map,
+    gres_type,
+    mig_layout,
+    plan,
+    plan_node,
+    plan_partitions,
+    shard_budget,
+    static_reservations_mib,
+)
+
+__all__ = [
+    "MPS_COUNT_PER_GPU",
+    "SHIM_NAMES",
+    "GresDevice",
+    "HookPaths",
+    "NodeAddressing",
+    "NodePlan",
+    "PartitionPlan",
+    "Plan",
+    "RenderOptions",
+    "Rendered",
+    "ShardBudget",
+    "build",
+    "default_template_dirs",
+    "gres_map",
+    "gres_type",
+    "main",
+    "mig_layout",
+    "plan",
+    "plan_node",
+    "plan_partitions",
+    "render_all",
+    "render_gres_conf",
+    "render_slurm_conf_part",
+    "shard_budget",
+    "static_reservations_mib",
+]
 
 GRES_CONF = "etc/slurm/gres.conf.j2"
 SLURM_CONF_PART = "etc/slurm/slurm.conf.j2"
+QOS_SCRIPT = "etc/slurm/gpuarb-qos.sh.j2"
+MIG_PARTED = "etc/nvidia-mig-manager/config.yaml.j2"
+# What render_all writes, relative to its output directory.
+OUT_GRES: Final = "gres.conf"
+OUT_PART: Final = "slurm.conf.part"
+OUT_QOS: Final = "gpuarb-qos.sh"
+OUT_MIG: Final = "nvidia-mig-manager/config.yaml"
+OUT_GRES_MAP: Final = "gres-map/{node}.json"
 GRES_TYPES = ("gpu", "shard", "mps")
-MPS_COUNT_PER_GPU = 100  # gres/mps counts percent of one GPU's compute
-
-# Names Slurm reads as one token: no spaces, '#', '=', ',' or ':' (they split GRES specs).
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*", re.ASCII)
-# A path as slurm.conf/gres.conf can hold it: absolute, no whitespace, no '#' (starts a comment).
-_PATH_RE = re.compile(r"/[^\s#,]*", re.ASCII)
-_MEM_SUFFIX_RE = re.compile(r"-\d+g$")
-
-
-# --------------------------------------------------------------------------- computed plan
+AUTODETECT: Final = ("off", "nvml")
 
 
 @dataclass(frozen=True)
-class ShardBudget:
-    """How one GPU's shard count follows from its memory (all MiB; usable never below zero)."""
+class RenderOptions:
+    """How to render, besides the inventory. Every default renders what the test cluster loads.
 
-    total_mib: int
-    reserved_mib: int
-    margin_mib: int
-    static_reservations_mib: int
-    quantum_mib: int
-
-    @property
-    def usable_mib(self) -> int:
-        return skus.usable_mib(self.total_mib, self.reserved_mib, self.margin_mib, self.static_reservations_mib)
-
-    @property
-    def count(self) -> int:
-        return skus.shards_for(self.usable_mib, self.quantum_mib)
-
-    def explain(self) -> str:
-        return (f"{self.total_mib} total - {self.reserved_mib} driver - {self.margin_mib} margin"
-                f" - {self.static_reservations_mib} reserved = {self.usable_mib} MiB"
-                f" / {self.quantum_mib} MiB = {self.count} shards")
-
-
-@dataclass(frozen=True)
-class GresDevice:
-    """One ``gres.conf`` line: a GRES bound to one device file."""
-
-    name: str  # gpu | shard | mps
-    file: str
-    type: str | None = None
-    count: int | None = None
-    note: str = ""  # a comment line above it (why the count is what it is)
-
-
-@dataclass(frozen=True)
-class NodePlan:
-    """Everything rendered for one node."""
-
-    name: str
-    devices: tuple[GresDevice, ...]
-    gres: str  # slurm.conf ``Gres=`` value, "" for a CPU node
-    params: str = ""  # cluster-local node parameters (NodeHostname=… Port=…)
-
-
-@dataclass(frozen=True)
-class PartitionPlan:
-    name: str
-    nodes: str
-    default: bool
-    priority_tier: int
-    preempt_mode: str  # REQUEUE (a class is preemptible) | OFF
-    classes: str
-    mode: str
-
-
-@dataclass(frozen=True)
-class HookPaths:
-    """Absolute paths of the installed hook programs; ``None`` leaves that hook out.
-
-    Slurm runs Prolog, Epilog and the Slurmctld variants with no ``PATH``: these must be
-    absolute. ``PrologEpilogTimeout`` is only a backstop (Slurm's default is 65534 s); the
-    hooks keep their own, shorter deadline.
+    ``discovery`` maps node names to what ``gpuarb discover`` found there (needed for every node
+    with a real MIG GPU; optional elsewhere, where it supplies the ``/dev/nvidiaN`` minors).
+    ``accounting``: True when slurmdbd runs (``PreemptType=preempt/qos``,
+    ``AccountingStoreFlags=job_comment``, the QoS script), False without it
+    (``preempt/partition_prio``, no QoS script), None to leave ``PreemptType`` to the base
+    ``slurm.conf``. ``lua``: None renders the Lua plugins when :mod:`slurm_gpuarb.lua` can be
+    imported, True requires them, False leaves them (and their plugin lines) out.
+    ``privileged_accounts``: the accounts allowed to use the QoS of classes that preempt others
+    (None: every user).
     """
 
-    prolog: str | None = None
-    epilog: str | None = None
-    task_prolog: str | None = None
-    prolog_slurmctld: str | None = None
-    epilog_slurmctld: str | None = None
-    health_check: str | None = None
-    health_check_interval_s: int = 60
-    prolog_epilog_timeout_s: int = 60
-
-    @classmethod
-    def at(cls, root: str | os.PathLike[str], *, installed_only: bool = False) -> HookPaths:
-        """Every shim under ``root`` (its ``prolog/`` and ``epilog/`` folders) by its conventional
-        name (:data:`SHIM_NAMES`). ``installed_only`` leaves out the shims not there (yet)."""
-        base = Path(root)
-
-        def pick(key: str) -> str | None:
-            path = base / SHIM_NAMES[key]
-            return str(path) if not installed_only or path.is_file() else None
-
-        return cls(prolog=pick("prolog"), epilog=pick("epilog"), task_prolog=pick("task_prolog"),
-                   prolog_slurmctld=pick("prolog_slurmctld"), epilog_slurmctld=pick("epilog_slurmctld"),
-                   health_check=pick("health_check"))
-
-    def lines(self) -> list[tuple[str, str]]:
-        """``(slurm.conf key, value)`` pairs for the hooks that are set."""
-        keys = (("Prolog", self.prolog), ("Epilog", self.epilog), ("TaskProlog", self.task_prolog),
-                ("PrologSlurmctld", self.prolog_slurmctld), ("EpilogSlurmctld", self.epilog_slurmctld),
-                ("HealthCheckProgram", self.health_check))
-        out = [(k, _check_path(v, k)) for k, v in keys if v is not None]
-        if out:
-            out.append(("PrologEpilogTimeout", str(self.prolog_epilog_timeout_s)))
-        if self.health_check is not None:
-            # ANY: also idle nodes, where a foreign VRAM holder is found before a job lands.
-            out += [("HealthCheckInterval", str(self.health_check_interval_s)), ("HealthCheckNodeState", "ANY")]
-        return out
-
-
-# Shim file names relative to the install root (the repo's prolog/ and epilog/ folders).
-SHIM_NAMES: Mapping[str, str] = {
-    "prolog": "prolog/gpuarb-prolog",
-    "task_prolog": "prolog/gpuarb-task-prolog",
-    "prolog_slurmctld": "prolog/gpuarb-prolog-slurmctld",
-    "health_check": "prolog/gpuarb-health-check",
-    "epilog": "epilog/gpuarb-epilog",
-    "epilog_slurmctld": "epilog/gpuarb-epilog-slurmctld",
-}
-
-
-@dataclass(frozen=True)
-class NodeAddressing:
-    """Cluster-local node parameters for the ``NodeName`` lines.
-
-    A real cluster resolves node names and needs none of these. The loopback test cluster
-    runs every slurmd on one host: each node line then names the host, the address and a
-    port of its own (``port_base`` + the node's position in the inventory).
-    """
-
-    hostname: str | None = None
-    addr: str | None = None
-    port_base: int | None = None
-
-    def params(self, position: int) -> str:
-        parts = []
-        if self.hostname is not None:
-            parts.append(f"NodeHostname={_check_name(self.hostname, 'node hostname')}")
-        if self.addr is not None:
-            parts.append(f"NodeAddr={_check_name(self.addr, 'node address')}")
-        if self.port_base is not None:
-            parts.append(f"Port={self.port_base + position}")
-        return " ".join(parts)
-
-
-# --------------------------------------------------------------------------- arithmetic
-
-
-def gres_type(sku_key: str) -> str:
-    """The GRES type for a SKU: its key without the memory suffix (``a100-80g`` → ``a100``).
-
-    Slurm matches ``--gres=gpu:<type>:N`` against it; the memory size is what leases
-    express, so GPUs of one family share a type."""
-    t = _MEM_SUFFIX_RE.sub("", sku_key.lower())
-    if not _NAME_RE.fullmatch(t) or t.isdigit():
-        raise RenderError(f"SKU '{sku_key}' gives no usable GRES type '{t}' (Slurm needs a non-numeric name "
-                          "of letters, digits, '.', '-' or '_'); fix the sku key in the inventory")
-    return t
-
-
-def static_reservations_mib(reservations: Iterable[Reservation], node: str, gpu: int) -> int:
-    """MiB of static standing reservations on one GPU (``node=None`` means every node).
-
-    Holder-mode reservations are held by a job at run time, so they are not subtracted."""
-    return sum(r.size_mib for r in reservations
-               if r.mode == "static" and r.gpu == gpu and (r.node is None or r.node == node))
-
-
-def shard_budget(sku_key: str, policy: Policy, static_reservations: int = 0) -> ShardBudget:
-    """The shard count of one GPU: (total − driver reserve − margin − static reservations) // quantum."""
-    try:
-        s = skus.sku(sku_key)
-    except CapacityError as e:
-        raise RenderError("the inventory names a GPU SKU this version does not know") from e
-    return ShardBudget(s.total_mib, s.reserved_mib, policy.margin_mib, static_reservations, policy.quantum_mib)
-
-
-# --------------------------------------------------------------------------- planning
-
-
-def _check_name(value: str, what: str) -> str:
-    if not _NAME_RE.fullmatch(value):
-        raise RenderError(f"{what} '{value}' cannot be written to a Slurm config (use letters, digits, '.', '-', '_')")
-    return value
-
-
-def _check_path(value: str, what: str) -> str:
-    if not _PATH_RE.fullmatch(value):
-        raise RenderError(f"{what} path '{value}' cannot be written to a Slurm config "
-                          "(it must be absolute, without spaces, commas or '#')")
-    return value
-
-
-def _device_file(dev_dir: str, node: str, number: int) -> str:
-    # "{node}" lets several slurmd on one host each see their own fake devices.
-    return _check_path(f"{dev_dir.replace('{node}', node).rstrip('/')}/nvidia{number}", f"device of node {node}")
-
-
-def plan_node(node: NodeConfig, cfg: Config, *, dev_dir: str = "/dev") -> NodePlan:
-    """The GRES of one node: its ``gres.conf`` devices and its ``slurm.conf`` ``Gres=`` value."""
-    name = _check_name(node.name, "node name")
-    devices: list[GresDevice] = []
-    gpu_counts: dict[str, int] = {}
-    shards = 0
-    mps = 0
-    minors = [g.minor if g.minor is not None else g.index for g in node.gpus]
-    # MIG stand-ins are numbered after the node's other devices, in layout order: on a
-    # MIG-only node Slurm's GRES index k is then MIG instance k.
-    next_standin = max((m for g, m in zip(node.gpus, minors, strict=True) if g.mode != "mig"), default=-1) + 1
-    for gpu, minor in zip(node.gpus, minors, strict=True):
-        if gpu.mode not in GPU_MODES:
-            raise RenderError(f"node {name} gpu {gpu.index}: unknown mode '{gpu.mode}' "
-                              f"(expected {', '.join(GPU_MODES)})")
-        if gpu.mode == "mig":
-            if not telemetry_for(cfg, name).startswith("fake:"):
-                # A real MIG instance is MultipleFiles=/dev/nvidiaK,/dev/nvidia-caps/nvidia-capN, known
-                # only from discovery on the node; a guessed device file would hand out the wrong GPU.
-                raise RenderError(f"node {name} gpu {gpu.index}: gres.conf lines for real MIG instances are not "
-                                  "rendered yet; write them by hand (MultipleFiles=) or use fake telemetry")
-            for j, profile in enumerate(mig_layout(name, gpu)):
-                # Test-cluster stand-ins: one fake device file per MIG instance.
-                devices.append(GresDevice("gpu", _device_file(dev_dir, name, next_standin), type=profile,
-                                          note=f"gpu{gpu.index} {gpu.sku} MIG instance {j}: {profile}"))
-                gpu_counts[profile] = gpu_counts.get(profile, 0) + 1
-                next_standin += 1
-            continue
-        t = gres_type(gpu.sku)
-        file = _device_file(dev_dir, name, minor)
-        devices.append(GresDevice("gpu", file, type=t, note=f"gpu{gpu.index} {gpu.sku} ({gpu.mode})"))
-        gpu_counts[t] = gpu_counts.get(t, 0) + 1
-        if gpu.mode == "shard":
-            budget = shard_budget(gpu.sku, cfg.policy, static_reservations_mib(cfg.reservations, name, gpu.index))
-            if budget.count == 0:
-                raise RenderError(f"node {name} gpu {gpu.index} ({gpu.sku}) has no room for one shard: "
-                                  f"{budget.explain()}; lower [policy] margin, the quantum or the reservations")
-            devices.append(GresDevice("shard", file, count=budget.count, note=f"gpu{gpu.index}: {budget.explain()}"))
-            shards += budget.count
-        elif gpu.mode == "mps":
-            devices.append(GresDevice("mps", file, count=MPS_COUNT_PER_GPU))
-            mps += MPS_COUNT_PER_GPU
-    gres = [f"gpu:{t}:{n}" for t, n in gpu_counts.items()]
-    if shards:
-        gres.append(f"shard:{shards}")
-    if mps:
-        gres.append(f"mps:{mps}")
-    return NodePlan(name, tuple(devices), ",".join(gres))
-
-
-def mig_layout(node: str, gpu: GpuConfig) -> tuple[str, ...]:
-    """The MIG profiles of a MIG-mode GPU, checked against its SKU: each profile exists, and
-    together they fit the GPU's 7 compute slices and 8 memory slices."""
-    if not gpu.mig:
-        raise RenderError(f"node {node} gpu {gpu.index} is in MIG mode but has no layout; "
-                          'add mig = ["7x1g.10gb"] (one profile per instance) to it')
-    try:
-        s = skus.sku(gpu.sku)
-        profiles = [skus.mig_profile(s, name) for name in gpu.mig]
-    except CapacityError as e:
-        raise RenderError(f"node {node} gpu {gpu.index}: its MIG layout does not fit its SKU") from e
-    compute = sum(p.compute_slices for p in profiles)
-    memory = sum(p.memory_slices for p in profiles)
-    if compute > 7 or memory > 8:
-        raise RenderError(f"node {node} gpu {gpu.index}: MIG layout {', '.join(gpu.mig)} needs {compute} of 7 compute "
-                          f"and {memory} of 8 memory slices; use fewer or smaller instances")
-    return tuple(_check_name(p.name, f"MIG profile on node {node} gpu {gpu.index}") for p in profiles)
-
-
-def _check_reservations(cfg: Config) -> None:
-    gpus = {(n.name, g.index) for n in cfg.nodes for g in n.gpus}
-    for r in cfg.reservations:
-        if r.node is not None and (r.node, r.gpu) not in gpus:
-            raise RenderError(f"reservation '{r.name}' is on node {r.node} gpu {r.gpu}, which the inventory "
-                              "does not have; fix its node/gpu")
-
-
-def plan_partitions(cfg: Config) -> list[PartitionPlan]:
-    """``PartitionName`` lines (config.load has checked their nodes, classes and default).
-
-    A partition is as preemptible as the weakest class it admits: its ``PriorityTier`` ranks
-    the lowest class priority among its classes (partition-priority preemption needs only the
-    order), and it is requeued when any of its classes is preemptible, never suspended (a
-    suspended job keeps its GPU memory)."""
-    classes = cfg.policy.classes
-    floor = {p.name: min((classes[c].priority for c in p.classes), default=0) for p in cfg.partitions}
-    tiers = {prio: i + 1 for i, prio in enumerate(sorted(set(floor.values())))}
-    return [PartitionPlan(
-        name=_check_name(p.name, "partition name"),
-        nodes=",".join(_check_name(n, "node name") for n in p.nodes),
-        default=p.default,
-        priority_tier=tiers[floor[p.name]],
-        preempt_mode="REQUEUE" if any(classes[c].preemptible for c in p.classes) else "OFF",
-        classes=",".join(p.classes),
-        mode=p.mode,
-    ) for p in cfg.partitions]
+    dev_dir: str = "/dev"
+    hooks: HookPaths | None = None
+    addressing: NodeAddressing | None = None
+    template_dir: str | os.PathLike[str] | None = None
+    discovery: Mapping[str, Discovery] = field(default_factory=dict)
+    autodetect: str = "off"
+    accounting: bool | None = None
+    preempt_mode: str = "REQUEUE"
+    grace_time_s: int = 60
+    privileged_accounts: tuple[str, ...] | None = None
+    lua: bool | None = None
 
 
 # --------------------------------------------------------------------------- templates
@@ -374,75 +184,157 @@ def _render(template: str, site_dir: str | os.PathLike[str] | None, **context: A
         raise RenderError(f"template {template} failed to render") from e
 
 
-# --------------------------------------------------------------------------- public API
+# --------------------------------------------------------------------------- formatting
+
+
+def _format_gres(p: Plan, opts: RenderOptions) -> str:
+    if opts.autodetect not in AUTODETECT:
+        raise RenderError(f"AutoDetect={opts.autodetect[:20]!r} is not one of {', '.join(AUTODETECT)}")
+    return _render(GRES_CONF, opts.template_dir, nodes=[n for n in p.nodes if n.devices], autodetect=opts.autodetect)
+
+
+def _format_part(p: Plan, opts: RenderOptions, lua: bool) -> str:
+    addr = opts.addressing or NodeAddressing()
+    nodes = [NodePlan(n.name, n.devices, n.gres, addr.params(i)) for i, n in enumerate(p.nodes)]
+    mode = opts.preempt_mode.upper()  # plan() has refused anything but REQUEUE and CANCEL
+    preempt_type, why = "", ""
+    if opts.accounting is True:
+        preempt_type, why = "preempt/qos", "slurmdbd runs: a QoS preempts the QoS in its Preempt= list (gpuarb-qos.sh)"
+    elif opts.accounting is False:
+        preempt_type, why = "preempt/partition_prio", "no slurmdbd: a partition of higher PriorityTier preempts lower"
+    return _render(SLURM_CONF_PART, opts.template_dir, gres_types=",".join(GRES_TYPES),
+                   hooks=(opts.hooks or HookPaths()).lines(), nodes=nodes, partitions=p.partitions,
+                   preempt_type=preempt_type, preempt_type_why=why, preempt_mode=mode,
+                   preempt_verb="cancelled" if mode == "CANCEL" else "requeued",
+                   accounting=bool(opts.accounting), lua=lua)
+
+
+def _format_qos(cfg: Config, opts: RenderOptions) -> str:
+    q = qos.plan_qos(cfg.policy, preempt_mode=opts.preempt_mode, grace_time_s=opts.grace_time_s,
+                     privileged_accounts=opts.privileged_accounts)
+    rows = [{"name": s.name, "priority": s.priority, "preempt": ",".join(s.preempt), "preempt_mode": s.preempt_mode,
+             "grace_time_s": s.grace_time_s, "classes": ",".join(s.classes)} for s in q.qos]
+    return _render(QOS_SCRIPT, opts.template_dir, qos=rows, open_qos=",".join(q.open_qos),
+                   privileged_qos=",".join(q.privileged_qos), privileged_accounts=list(q.privileged_accounts),
+                   privileged_accounts_csv=",".join(q.privileged_accounts), default_qos=q.default_qos,
+                   all_qos=", ".join(s.name for s in q.qos))
+
+
+def _format_mig(cfg: Config, opts: RenderOptions) -> str | None:
+    try:
+        configs = migplan.node_configs(cfg)
+    except CapacityError as e:
+        raise RenderError("the nvidia-mig-parted config cannot be rendered") from e
+    if not configs:
+        return None
+    rows = [{"name": c.name, "entries": [{
+        "devices": ", ".join(map(str, e.devices)), "enabled": "true" if e.mig_enabled else "false",
+        "counts": list(e.layout.counts().items()) if e.layout else [],
+        "placement": e.layout.describe() if e.layout else "",
+    } for e in c.entries]} for c in configs]
+    return _render(MIG_PARTED, opts.template_dir, configs=rows)
+
+
+def _lua_files(cfg: Config, opts: RenderOptions) -> dict[str, str] | None:
+    """``job_submit.lua`` and ``cli_filter.lua`` from :mod:`slurm_gpuarb.lua`, or None when that
+    module is not installed (or does not import) and ``opts.lua`` is not True. The Lua maps a
+    class to its QoS only where slurmdbd runs (``accounting=True``)."""
+    wanted = opts.lua
+    if wanted is False:
+        return None
+    try:
+        module = importlib.import_module(f"{__package__}.lua")
+        render_lua = module.render_lua
+    except Exception as e:  # absent or broken: the Lua plugins are optional unless asked for
+        if wanted:
+            raise RenderError("the Lua plugins were asked for, but slurm_gpuarb.lua cannot be imported") from e
+        return None
+    # Pass only the options this version of render_lua takes (it is developed alongside).
+    accepted = inspect.signature(render_lua).parameters
+    given = {"use_qos": opts.accounting is True, "template_dir": opts.template_dir}
+    files = dict(render_lua(cfg, **{k: v for k, v in given.items() if k in accepted}))
+    for name in files:
+        if PurePosixPath(name).name != name or not name.endswith(".lua"):
+            raise RenderError(f"slurm_gpuarb.lua rendered {name!r}; expected plain *.lua file names")
+    return files
 
 
 @dataclass(frozen=True)
-class Plan:
-    """Everything the templates format, computed once from the inventory."""
+class Rendered:
+    """A whole render: the plan it came from and the files, by path relative to the output directory."""
 
-    nodes: tuple[NodePlan, ...]
-    partitions: tuple[PartitionPlan, ...]
-
-
-def plan(cfg: Config, *, dev_dir: str = "/dev") -> Plan:
-    """Compute every node's GRES and every partition line (raises RenderError on a bad inventory).
-
-    ``dev_dir`` holds the ``nvidiaN`` device files; ``{node}`` in it is replaced by the node
-    name (the loopback test cluster gives each node its own fake devices)."""
-    _check_reservations(cfg)
-    return Plan(tuple(plan_node(n, cfg, dev_dir=dev_dir) for n in cfg.nodes), tuple(plan_partitions(cfg)))
+    plan: Plan
+    files: Mapping[str, str]
 
 
-def _format_gres(p: Plan, template_dir: str | os.PathLike[str] | None) -> str:
-    return _render(GRES_CONF, template_dir, nodes=[n for n in p.nodes if n.devices])
+def build(cfg: Config, opts: RenderOptions | None = None) -> Rendered:
+    """Render every file for ``cfg`` in memory (nothing is written; see :func:`render_all`)."""
+    o = opts or RenderOptions()
+    p = plan(cfg, dev_dir=o.dev_dir, discovery=o.discovery, preempt_mode=o.preempt_mode)
+    lua = _lua_files(cfg, o)
+    files = {OUT_GRES: _format_gres(p, o), OUT_PART: _format_part(p, o, lua is not None)}
+    if o.accounting is not False:
+        files[OUT_QOS] = _format_qos(cfg, o)
+    mig = _format_mig(cfg, o)
+    if mig is not None:
+        files[OUT_MIG] = mig
+    for n in p.nodes:
+        if n.name in o.discovery:
+            files[OUT_GRES_MAP.format(node=n.name)] = json.dumps(gres_map(n, o.autodetect), indent=2) + "\n"
+    files.update(lua or {})
+    return Rendered(p, files)
 
 
-def _format_part(p: Plan, hooks: HookPaths | None, addressing: NodeAddressing | None,
-                 template_dir: str | os.PathLike[str] | None) -> str:
-    addr = addressing or NodeAddressing()
-    nodes = [NodePlan(n.name, n.devices, n.gres, addr.params(i)) for i, n in enumerate(p.nodes)]
-    return _render(SLURM_CONF_PART, template_dir, gres_types=",".join(GRES_TYPES),
-                   hooks=(hooks or HookPaths()).lines(), nodes=nodes, partitions=p.partitions)
+def _options(options: RenderOptions | None, **given: Any) -> RenderOptions:
+    # The keyword arguments of the older API win over options when they are given.
+    return replace(options or RenderOptions(), **{k: v for k, v in given.items() if v is not None})
 
 
-def render_gres_conf(cfg: Config, *, dev_dir: str = "/dev", template_dir: str | os.PathLike[str] | None = None) -> str:
-    """``gres.conf`` for every node of the inventory (``AutoDetect=off``, every device listed)."""
-    return _format_gres(plan(cfg, dev_dir=dev_dir), template_dir)
+def render_gres_conf(cfg: Config, *, dev_dir: str | None = None, template_dir: str | os.PathLike[str] | None = None,
+                     options: RenderOptions | None = None) -> str:
+    """``gres.conf`` for every node of the inventory (``AutoDetect=off`` by default, every device listed)."""
+    o = _options(options, dev_dir=dev_dir, template_dir=template_dir)
+    return _format_gres(plan(cfg, dev_dir=o.dev_dir, discovery=o.discovery, preempt_mode=o.preempt_mode), o)
 
 
 def render_slurm_conf_part(cfg: Config, *, hooks: HookPaths | None = None, addressing: NodeAddressing | None = None,
-                           template_dir: str | os.PathLike[str] | None = None) -> str:
+                           template_dir: str | os.PathLike[str] | None = None, options: RenderOptions | None = None,
+                           lua: bool = False) -> str:
     """The inventory's part of ``slurm.conf``: append it to the cluster's base file.
 
-    ``hooks`` None renders no hook lines (a cluster without the hooks installed yet)."""
-    return _format_part(plan(cfg), hooks, addressing, template_dir)
+    ``hooks`` None renders no hook lines (a cluster without the hooks installed yet); ``lua``
+    adds the Lua plugin lines (:func:`build` sets it when it renders the Lua files)."""
+    o = _options(options, hooks=hooks, addressing=addressing, template_dir=template_dir)
+    return _format_part(plan(cfg, dev_dir=o.dev_dir, discovery=o.discovery, preempt_mode=o.preempt_mode), o, lua)
 
 
-def render_all(cfg: Config, out_dir: str | os.PathLike[str], *, dev_dir: str = "/dev",
-               hooks: HookPaths | None = None, addressing: NodeAddressing | None = None,
+def render_all(cfg: Config, out_dir: str | os.PathLike[str], options: RenderOptions | None = None, *,
+               dev_dir: str | None = None, hooks: HookPaths | None = None, addressing: NodeAddressing | None = None,
                template_dir: str | os.PathLike[str] | None = None) -> list[Path]:
-    """Write ``gres.conf`` and ``slurm.conf.part`` into ``out_dir``; returns the paths written.
+    """Write every file of :func:`build` into ``out_dir``; returns the paths written.
 
     Everything is rendered before anything is written, and each file is replaced
     atomically, so a failed render never leaves a half-written config behind."""
-    p = plan(cfg, dev_dir=dev_dir)
-    files = {"gres.conf": _format_gres(p, template_dir),
-             "slurm.conf.part": _format_part(p, hooks, addressing, template_dir)}
+    o = _options(options, dev_dir=dev_dir, hooks=hooks, addressing=addressing, template_dir=template_dir)
+    files = build(cfg, o).files
     out = Path(out_dir)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        return [_write_atomic(out / name, text) for name, text in files.items()]
+        written = []
+        for name, text in files.items():
+            path = out / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            written.append(_write_atomic(path, text, 0o755 if name.endswith(".sh") else 0o644))
+        return written
     except OSError as e:
         raise RenderError(f"could not write the rendered files to {out}; check that it is a writable directory") from e
 
 
-def _write_atomic(path: Path, text: str) -> Path:
+def _write_atomic(path: Path, text: str, mode: int = 0o644) -> Path:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
-        os.chmod(tmp, 0o644)  # slurm.conf's directory is world-readable; these hold no secrets
+        os.chmod(tmp, mode)  # slurm.conf's directory is world-readable; these hold no secrets
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -454,23 +346,26 @@ def _write_atomic(path: Path, text: str) -> Path:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Render gres.conf and slurm.conf.part from an inventory (the twin of ``gpuarb render``)."""
+    """Render the Slurm files from an inventory (the twin of ``gpuarb render``, without --check)."""
     ap = argparse.ArgumentParser(prog="python -m slurm_gpuarb.render", description=main.__doc__)
     ap.add_argument("--config", required=True, help="the inventory (gpuarb.toml)")
-    ap.add_argument("--out", required=True, help="directory for gres.conf and slurm.conf.part")
+    ap.add_argument("--out", required=True, help="directory for gres.conf, slurm.conf.part and the rest")
     ap.add_argument("--dev-dir", default="/dev", help="device directory; {node} becomes the node name")
     ap.add_argument("--templates", default=None, help="site template directory (overrides by relative path)")
     ap.add_argument("--hooks-dir", default=None, help="install root holding the prolog/ and epilog/ shims")
     ap.add_argument("--node-hostname", default=None, help="NodeHostname= on every node line (one-host clusters)")
     ap.add_argument("--node-addr", default=None, help="NodeAddr= on every node line")
     ap.add_argument("--port-base", type=int, default=None, help="Port= of the first node, +1 for each next one")
+    ap.add_argument("--discovery", default=None, help="directory of <node>.json files from gpuarb discover")
     args = ap.parse_args(argv)
     try:
         cfg = load(args.config)
-        hooks = HookPaths.at(args.hooks_dir, installed_only=True) if args.hooks_dir else None
-        addressing = NodeAddressing(args.node_hostname, args.node_addr, args.port_base)
-        for path in render_all(cfg, args.out, dev_dir=args.dev_dir, hooks=hooks, addressing=addressing,
-                               template_dir=args.templates):
+        opts = RenderOptions(
+            dev_dir=args.dev_dir, template_dir=args.templates,
+            hooks=HookPaths.at(args.hooks_dir, installed_only=True) if args.hooks_dir else None,
+            addressing=NodeAddressing(args.node_hostname, args.node_addr, args.port_base),
+            discovery=load_dir(args.discovery, [n.name for n in cfg.nodes]) if args.discovery else {})
+        for path in render_all(cfg, args.out, opts):
             print(path)
     except GpuArbError as e:
         print(f"Error: {e}", file=sys.stderr)

@@ -1,28 +1,42 @@
 """gpuarb render: shard arithmetic, gres.conf / slurm.conf part formatting, golden files.
 
-Golden files live in tests/data/golden/<inventory>/{gres.conf,slurm.conf.part}; the same
+Golden files live in tests/data/golden/<inventory>/<path render --out writes>; the same
 rendered files are what docker-slurm/native-up hands to real Slurm daemons. After a deliberate
 change, regenerate them with ``GPUARB_UPDATE_GOLDEN=1 pytest tests/test_render.py`` and read the diff.
+The Lua plugins have goldens of their own (slurm_gpuarb.lua); here a stand-in marks them rendered,
+so the slurm.conf parts show the plugin lines a full render has.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 import textwrap
+import types
+from collections.abc import Mapping
 from pathlib import Path
 
 import pytest
 
-from slurm_gpuarb import render, skus
+from slurm_gpuarb import discover, render, skus
 from slurm_gpuarb.config import Config, load
 from slurm_gpuarb.errors import RenderError
-from slurm_gpuarb.render import HookPaths, NodeAddressing
+from slurm_gpuarb.render import HookPaths, NodeAddressing, RenderOptions
 
 REPO = Path(__file__).resolve().parent.parent
 GOLDEN = REPO / "tests" / "data" / "golden"
+DISCOVERY = REPO / "tests" / "data" / "discovery"
 INVENTORIES = {"docker-slurm": REPO / "docker-slurm" / "inventory.toml"} | {
     p.stem: p for p in sorted((REPO / "templates" / "examples").glob("*.toml"))
 }
+LUA_STANDIN = {"job_submit.lua": "-- stand-in\n", "cli_filter.lua": "-- stand-in\n"}
+
+
+@pytest.fixture(autouse=True)
+def no_lua(monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests render without slurm_gpuarb.lua (it has tests of its own); a test installs a stand-in."""
+    monkeypatch.setitem(sys.modules, "slurm_gpuarb.lua", None)
 
 
 def cfg_from(tmp_path: Path, body: str) -> Config:
@@ -31,38 +45,77 @@ def cfg_from(tmp_path: Path, body: str) -> Config:
     return load(path, env={})
 
 
-def golden_render(name: str, path: Path) -> dict[str, str]:
+def golden_options(name: str, cfg: Config) -> RenderOptions:
     """The fixed, machine-independent options each golden inventory is rendered with."""
-    cfg = load(path, env={})
     if name == "docker-slurm":  # as native-up renders it, less the host name
-        dev_dir = "/tmp/gpuarb-cluster/dev/{node}"
-        addressing: NodeAddressing | None = NodeAddressing(hostname="localhost", addr="127.0.0.1", port_base=17001)
-        hooks = HookPaths.at("/tmp/gpuarb-cluster/hooks")
-    else:
-        dev_dir, addressing, hooks = "/dev", None, HookPaths.at("/opt/gpuarb")
-    return {"gres.conf": render.render_gres_conf(cfg, dev_dir=dev_dir),
-            "slurm.conf.part": render.render_slurm_conf_part(cfg, hooks=hooks, addressing=addressing)}
+        return RenderOptions(dev_dir="/tmp/gpuarb-cluster/dev/{node}", hooks=HookPaths.at("/tmp/gpuarb-cluster/hooks"),
+                             addressing=NodeAddressing(hostname="localhost", addr="127.0.0.1", port_base=17001))
+    hooks = HookPaths.at("/opt/gpuarb")
+    if name == "workstation-3090ti":  # one host, no slurmdbd: partition priorities preempt
+        return RenderOptions(hooks=hooks, accounting=False)
+    if name == "mixed-cluster":  # only the serving team's account may use the llm QoS
+        return RenderOptions(hooks=hooks, accounting=True, privileged_accounts=("inference",), grace_time_s=120)
+    return RenderOptions(hooks=hooks, accounting=True,
+                         discovery=discover.load_dir(DISCOVERY, [n.name for n in cfg.nodes]))
+
+
+def lua_standin(monkeypatch: pytest.MonkeyPatch, files: Mapping[str, str] = LUA_STANDIN) -> list[object]:
+    """Install a stand-in slurm_gpuarb.lua; returns the calls its render_lua got."""
+    calls: list[object] = []
+
+    def render_lua(cfg: Config, *, use_qos: bool = False) -> dict[str, str]:
+        calls.append((cfg, use_qos))
+        return dict(files)
+
+    monkeypatch.setitem(sys.modules, "slurm_gpuarb.lua", types.SimpleNamespace(render_lua=render_lua))
+    return calls
 
 
 # --------------------------------------------------------------------------- golden files
 
 
 @pytest.mark.parametrize("name", sorted(INVENTORIES))
-def test_golden(name: str) -> None:
-    try:
-        rendered = golden_render(name, INVENTORIES[name])
-    except RenderError as e:
-        if "real MIG instances are not rendered yet" not in str(e):
-            raise
-        # Real MIG device files (MultipleFiles=, nvidia-caps minors) need discovery on the node.
-        pytest.xfail(f"{name}: {e}")
+def test_golden(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    lua_standin(monkeypatch)
+    cfg = load(INVENTORIES[name], env={})
+    rendered = {k: v for k, v in render.build(cfg, golden_options(name, cfg)).files.items() if not k.endswith(".lua")}
+    update = os.environ.get("GPUARB_UPDATE_GOLDEN") == "1"
     for fname, text in rendered.items():
         golden = GOLDEN / name / fname
-        if os.environ.get("GPUARB_UPDATE_GOLDEN") == "1":
+        if update:
             golden.parent.mkdir(parents=True, exist_ok=True)
             golden.write_text(text)
         assert golden.is_file(), f"no golden {golden}: run GPUARB_UPDATE_GOLDEN=1 pytest tests/test_render.py"
         assert text == golden.read_text(), f"{name}/{fname} differs from its golden file"
+    stale = sorted(str(p.relative_to(GOLDEN / name)) for p in (GOLDEN / name).rglob("*")
+                   if p.is_file() and str(p.relative_to(GOLDEN / name)) not in rendered)
+    if update:
+        for rel in stale:
+            (GOLDEN / name / rel).unlink()
+    else:
+        assert not stale, f"golden files no render makes any more: {stale}"
+
+
+def test_every_template_has_goldens_over_three_inventories() -> None:
+    shipped = sorted(str(p.relative_to(REPO / "templates" / "etc")) for p in (REPO / "templates" / "etc").rglob("*.j2"))
+    outputs = {"slurm/gres.conf.j2": "gres.conf", "slurm/slurm.conf.j2": "slurm.conf.part",
+               "slurm/gpuarb-qos.sh.j2": "gpuarb-qos.sh",
+               "nvidia-mig-manager/config.yaml.j2": "nvidia-mig-manager/config.yaml"}
+    assert [t for t in shipped if not t.endswith(".lua.j2")] == sorted(outputs)
+    for template, out in outputs.items():
+        assert len([n for n in INVENTORIES if (GOLDEN / n / out).is_file()]) >= 3, template
+
+
+def test_dgx_golden_binds_discovered_mig_devices() -> None:
+    """The DGX H100's MIG node from its discovery file: each instance's parent minor and GI/CI caps."""
+    text = (GOLDEN / "dgx-h100" / "gres.conf").read_text()
+    # GPU 0 is /dev/nvidia2 on this board; GI 7 / CI 0 are caps 3 + 135*2 + 9*7 = 336 and 337.
+    assert ("NodeName=dgx01 Name=gpu Type=1g.10gb MultipleFiles=/dev/nvidia2,/dev/nvidia-caps/nvidia-cap336,"
+            "/dev/nvidia-caps/nvidia-cap337\n") in text
+    assert text.count("NodeName=dgx01 Name=gpu Type=1g.10gb MultipleFiles=") == 56
+    assert "NodeName=dgx02 Name=shard Count=78 File=/dev/nvidia7\n" in text
+    part = (GOLDEN / "dgx-h100" / "slurm.conf.part").read_text()
+    assert "NodeName=dgx01 Gres=gpu:1g.10gb:56\n" in part
 
 
 # --------------------------------------------------------------------------- shard arithmetic
@@ -232,7 +285,7 @@ def test_mig_layout_must_fit_the_sku(tmp_path: Path) -> None:
 
 def test_real_mig_is_not_guessed(tmp_path: Path) -> None:
     cfg = cfg_from(tmp_path, MIG_NODE.replace('telemetry = "fake:h100-80g-mig-7x1g"\n', ""))
-    with pytest.raises(RenderError, match="real MIG instances are not rendered yet"):
+    with pytest.raises(RenderError, match=r"node m3 gpu 0 is in MIG mode: .*run `gpuarb discover --out m3.json` on m3"):
         render.render_gres_conf(cfg)
 
 
@@ -336,14 +389,18 @@ def test_undefined_template_variable_is_an_error(tmp_path: Path) -> None:
         render.render_gres_conf(cfg_from(tmp_path, SHARD_NODE), template_dir=site)
 
 
-def test_render_all_writes_both_files(tmp_path: Path) -> None:
+def test_render_all_writes_every_file(tmp_path: Path) -> None:
     cfg = cfg_from(tmp_path, PARTITIONS)
     out = tmp_path / "out"
-    paths = render.render_all(cfg, out)
-    assert [p.name for p in paths] == ["gres.conf", "slurm.conf.part"]
+    paths = render.render_all(cfg, out, RenderOptions(lua=False))
+    assert [p.name for p in paths] == ["gres.conf", "slurm.conf.part", "gpuarb-qos.sh", "config.yaml"]
     assert paths[0].read_text() == render.render_gres_conf(cfg)
     assert oct(paths[1].stat().st_mode & 0o777) == "0o644"
-    assert sorted(p.name for p in out.iterdir()) == ["gres.conf", "slurm.conf.part"]  # no temp files left
+    assert oct(paths[2].stat().st_mode & 0o777) == "0o755"  # the QoS script runs as is
+    assert paths[3] == out / "nvidia-mig-manager" / "config.yaml"  # A100s: MIG off, by mig-parted
+    # no temp files left
+    assert sorted(p.name for p in out.iterdir()) == ["gpuarb-qos.sh", "gres.conf", "nvidia-mig-manager",
+                                                     "slurm.conf.part"]
 
 
 def test_render_all_writes_nothing_when_rendering_fails(tmp_path: Path) -> None:
@@ -361,4 +418,155 @@ def test_module_entry_point(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert "NodeName=g2 Port=17002 Gres=" in (tmp_path / "o" / "slurm.conf.part").read_text()
     inv.write_text("version = 1\n" + MIG_NODE.replace('telemetry = "fake:h100-80g-mig-7x1g"\n', ""))
     assert render.main(["--config", str(inv), "--out", str(tmp_path / "o2")]) == 1
-    assert capsys.readouterr().err.startswith("Error: node m3 gpu 0: gres.conf lines for real MIG")
+    assert capsys.readouterr().err.startswith("Error: node m3 gpu 0 is in MIG mode: its gres.conf lines need")
+
+
+# --------------------------------------------------------------------------- MIG from discovery
+
+DGX01 = discover.load(DISCOVERY / "dgx01.json")
+DGX_NODE = """
+[[nodes]]
+name = "dgx01"
+gpus = [{ count = 8, sku = "h100-80g", mode = "mig", mig = ["7x1g.10gb"] }]
+"""
+
+
+def test_discovered_mig_lines_follow_nvml_order_and_minors(tmp_path: Path) -> None:
+    node = render.plan_node(cfg_from(tmp_path, DGX_NODE).nodes[0], cfg_from(tmp_path, DGX_NODE), discovery=DGX01)
+    first = DGX01.gpus[0].mig[0]
+    assert node.devices[0].files == ("/dev/nvidia2", f"/dev/nvidia-caps/nvidia-cap{first.gi_minor}",
+                                     f"/dev/nvidia-caps/nvidia-cap{first.ci_minor}")
+    assert node.devices[0].mig_uuid == first.uuid and node.devices[0].uuid == DGX01.gpus[0].uuid
+    # GRES index k is the k-th MIG device NVML lists, GPU by GPU: what the daemon's map expects.
+    assert [d.mig_uuid for d in node.devices] == [m.uuid for g in DGX01.gpus for m in g.mig]
+    assert node.gres == "gpu:1g.10gb:56"
+
+
+def test_discovery_supplies_minors_and_is_checked(tmp_path: Path) -> None:
+    body = DGX_NODE.replace('mode = "mig", mig = ["7x1g.10gb"]', 'mode = "shard"')
+    cfg = cfg_from(tmp_path, body)
+    whole = discover.Discovery("dgx01", tuple(
+        discover.DiscoveredGpu(g.index, g.minor, g.uuid, g.name, g.total_mib, g.sku) for g in DGX01.gpus))
+    node = render.plan_node(cfg.nodes[0], cfg, discovery=whole)
+    assert [d.file for d in node.devices if d.name == "shard"][:3] == ["/dev/nvidia2", "/dev/nvidia3", "/dev/nvidia0"]
+    with pytest.raises(RenderError, match=r"gpu 0 is in MIG mode on the node but shard in the inventory; disable MIG"):
+        render.plan_node(cfg.nodes[0], cfg, discovery=DGX01)
+    pinned = cfg_from(tmp_path, body.replace('{ count = 8, sku = "h100-80g", mode = "shard" }',
+                                             '{ index = 0, sku = "h100-80g", mode = "shard", minor = 0 }'))
+    with pytest.raises(RenderError, match=r"inventory says /dev/nvidia0 but discovery found /dev/nvidia2"):
+        render.plan_node(pinned.nodes[0], pinned, discovery=whole)
+    a100 = cfg_from(tmp_path, body.replace("h100-80g", "a100-80g"))
+    with pytest.raises(RenderError, match=r"gpu 0 is a100-80g in the inventory but discovery found a h100-80g"):
+        render.plan_node(a100.nodes[0], a100, discovery=whole)
+    nine = cfg_from(tmp_path, body.replace("count = 8", "count = 9"))
+    with pytest.raises(RenderError, match=r"gpu 8 is in the inventory but not in its discovery file"):
+        render.plan_node(nine.nodes[0], nine, discovery=whole)
+
+
+def test_live_mig_layout_must_be_the_inventorys(tmp_path: Path) -> None:
+    cfg = cfg_from(tmp_path, DGX_NODE.replace('["7x1g.10gb"]', '["3g.40gb", "4g.40gb"]'))
+    with pytest.raises(RenderError, match=r"gpu 0: its live MIG layout \(7x1g.10gb\) is not the inventory's "
+                                          r"\(1x3g.40gb \+ 1x4g.40gb\); apply it \(nvidia-mig-parted apply .* "
+                                          r"-c gpuarb-dgx01\), then run gpuarb discover again"):
+        render.plan_node(cfg.nodes[0], cfg, discovery=DGX01)
+
+
+def test_gres_map_only_for_discovered_nodes(tmp_path: Path) -> None:
+    cfg = cfg_from(tmp_path, DGX_NODE + """
+[[nodes]]
+name = "g1"
+gpus = [{ count = 2, sku = "a100-40g", mode = "shard" }]
+""")
+    files = render.build(cfg, RenderOptions(discovery={"dgx01": DGX01}, lua=False)).files
+    assert [f for f in files if f.startswith("gres-map/")] == ["gres-map/dgx01.json"]
+    m = json.loads(files["gres-map/dgx01.json"])
+    assert (m["version"], m["node"], m["autodetect"], len(m["gres"])) == (1, "dgx01", "off", 56)
+    assert m["gres"][8] == {"index": 8, "gpu": 1, "type": "1g.10gb", "uuid": DGX01.gpus[1].uuid,
+                            "mig_uuid": DGX01.gpus[1].mig[1].uuid, "files": list(render.plan_node(
+                                cfg.nodes[0], cfg, discovery=DGX01).devices[8].files)}
+
+
+def test_render_all_loads_a_discovery_directory(tmp_path: Path) -> None:
+    inv = tmp_path / "inv.toml"
+    inv.write_text("version = 1\n" + DGX_NODE)
+    assert render.main(["--config", str(inv), "--out", str(tmp_path / "o"), "--discovery", str(DISCOVERY)]) == 0
+    assert (tmp_path / "o" / "gres-map" / "dgx01.json").is_file()
+    assert "MultipleFiles=/dev/nvidia2," in (tmp_path / "o" / "gres.conf").read_text()
+
+
+# --------------------------------------------------------------------------- options
+
+
+def test_autodetect_option(tmp_path: Path) -> None:
+    cfg = cfg_from(tmp_path, SHARD_NODE)
+    text = render.render_gres_conf(cfg, options=RenderOptions(autodetect="nvml"))
+    assert "\nAutoDetect=nvml\n" in text and "no NVML autodetection" not in text
+    with pytest.raises(RenderError, match="AutoDetect='rsmi' is not one of off, nvml"):
+        render.render_gres_conf(cfg, options=RenderOptions(autodetect="rsmi"))
+
+
+def test_accounting_decides_preempt_type_and_the_qos_script(tmp_path: Path) -> None:
+    cfg = cfg_from(tmp_path, PARTITIONS)
+    on = render.build(cfg, RenderOptions(accounting=True, lua=False)).files
+    lines = on["slurm.conf.part"].splitlines()
+    assert "PreemptType=preempt/qos" in lines and "AccountingStoreFlags=job_comment" in lines
+    assert "gpuarb-qos.sh" in on
+    off = render.build(cfg, RenderOptions(accounting=False, lua=False)).files
+    lines = off["slurm.conf.part"].splitlines()
+    assert "PreemptType=preempt/partition_prio" in lines and "AccountingStoreFlags=job_comment" not in lines
+    assert "gpuarb-qos.sh" not in off
+    unknown = render.build(cfg, RenderOptions(lua=False)).files["slurm.conf.part"]  # the base slurm.conf decides
+    assert "PreemptType" not in unknown and "AccountingStoreFlags" not in unknown
+
+
+def test_preempt_mode_cancel_and_suspend_refused(tmp_path: Path) -> None:
+    cfg = cfg_from(tmp_path, PARTITIONS)
+    text = render.render_slurm_conf_part(cfg, options=RenderOptions(preempt_mode="cancel"))
+    assert "PreemptMode=CANCEL" in text.splitlines()
+    assert "PartitionName=batch Nodes=g1,g2 Default=YES MaxTime=INFINITE State=UP PriorityTier=1 PreemptMode=CANCEL" \
+        in text.splitlines()
+    assert "# Batch is cancelled, never suspended" in text
+    with pytest.raises(RenderError, match="SUSPEND is refused for GPU partitions: a suspended job keeps its GPU"):
+        render.build(cfg, RenderOptions(preempt_mode="SUSPEND"))
+    with pytest.raises(RenderError, match="PreemptMode 'GANG' is not one of REQUEUE, CANCEL"):
+        render.build(cfg, RenderOptions(preempt_mode="GANG"))
+
+
+def test_lua_files_and_plugin_lines_come_together(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = cfg_from(tmp_path, PARTITIONS)
+    files = render.build(cfg).files  # no slurm_gpuarb.lua: no Lua, no plugin lines
+    assert not any(f.endswith(".lua") for f in files) and "JobSubmitPlugins" not in files["slurm.conf.part"]
+    with pytest.raises(RenderError, match=r"the Lua plugins were asked for, but slurm_gpuarb\.lua cannot be imported"):
+        render.build(cfg, RenderOptions(lua=True))
+    calls = lua_standin(monkeypatch)
+    files = render.build(cfg, RenderOptions(accounting=True)).files
+    assert files["job_submit.lua"] == "-- stand-in\n" and calls == [(cfg, True)]  # QoS mapping with slurmdbd
+    assert {"JobSubmitPlugins=lua", "CliFilterPlugins=cli_filter/lua"} <= set(files["slurm.conf.part"].splitlines())
+    assert "JobSubmitPlugins" not in render.build(cfg, RenderOptions(lua=False)).files["slurm.conf.part"]
+    lua_standin(monkeypatch, {"../job_submit.lua": ""})
+    with pytest.raises(RenderError, match=r"rendered '../job_submit.lua'; expected plain \*.lua file names"):
+        render.build(cfg)
+
+
+# --------------------------------------------------------------------------- the gpuarb render command
+
+
+def test_render_command(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from slurm_gpuarb.cli import admin  # noqa: F401 - registers the admin commands on the gpuarb group
+    from slurm_gpuarb.cli.commands import cli
+
+    inv = tmp_path / "inv.toml"
+    inv.write_text("version = 1\n" + PARTITIONS)
+    out = tmp_path / "o"
+    r = CliRunner().invoke(cli, ["--config", str(inv), "render", "--out", str(out), "--no-accounting",
+                                       "--preempt-mode", "cancel", "--no-lua"])
+    assert r.exit_code == 0, r.output
+    assert r.output.splitlines() == [str(out / "gres.conf"), str(out / "slurm.conf.part"),
+                                     str(out / "nvidia-mig-manager" / "config.yaml")]
+    assert "PreemptType=preempt/partition_prio" in (out / "slurm.conf.part").read_text()
+    r = CliRunner().invoke(cli, ["--config", str(inv), "render", "--out", str(out), "--preempt-mode", "suspend"])
+    assert r.exit_code == 1 and "Error: PreemptMode=SUSPEND is refused for GPU partitions" in r.output
+    r = CliRunner().invoke(cli, ["--config", str(inv), "render", "--out", str(out), "--grace-time", "soon"])
+    assert r.exit_code == 2 and "is not a duration" in r.output

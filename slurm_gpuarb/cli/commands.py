@@ -442,34 +442,6 @@ def config_show(obj: Ctx, as_json: bool) -> None:
                    f"({r.mode})")
 
 
-@cli.command("render")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory to write to.")
-@click.option("--dev-dir", default="/dev", show_default=True, help="Device directory; {node} becomes the node name.")
-@click.option("--templates", default=None, type=click.Path(exists=True, file_okay=False),
-              help="Site template directory (overrides any template by relative path).")
-@click.option("--hooks-dir", default=None, type=click.Path(file_okay=False),
-              help="Install root holding the prolog/ and epilog/ shims (adds the hook lines).")
-@click.option("--node-hostname", default=None, help="NodeHostname= on every node line (one-host clusters).")
-@click.option("--node-addr", default=None, help="NodeAddr= on every node line.")
-@click.option("--port-base", type=click.IntRange(1, 65535), default=None,
-              help="Port= of the first node, +1 for each next one.")
-@pass_ctx
-def render_cmd(obj: Ctx, out_dir: str, dev_dir: str, templates: str | None, hooks_dir: str | None,
-               node_hostname: str | None, node_addr: str | None, port_base: int | None) -> None:
-    """Render gres.conf and the slurm.conf part from the inventory.
-
-    \b
-    Example:
-      gpuarb --config docker-slurm/inventory.toml render --out /tmp/slurm-etc
-    """
-    from ..render import HookPaths, NodeAddressing, render_all
-
-    hooks = HookPaths.at(hooks_dir, installed_only=True) if hooks_dir else None
-    for path in render_all(obj.cfg, out_dir, dev_dir=dev_dir, hooks=hooks,
-                           addressing=NodeAddressing(node_hostname, node_addr, port_base), template_dir=templates):
-        click.echo(str(path))
-
-
 # ---------------------------------------------------------------------------- node
 
 
@@ -497,3 +469,6 @@ def node_resume(name: str) -> None:
 
     resume_node(name, adapter=select_adapter())
     click.echo(f"resumed {name}")
+
+
+from . import admin  # noqa: E402,F401  - registers render (with --check), discover and mig plan
