@@ -9,10 +9,11 @@ deadline. That matters because the realistic failure is a hung daemon, not a dea
 into its socket buffer, but never answers. Every way the daemon can fail to answer (no socket,
 refused, timed out, closed early, a malformed or oversized answer) is a :class:`DaemonUnavailable`,
 so a caller has one exception to fall back on. An answer that *is* an error response raises the
-exception it names (:func:`protocol.decode_response`): the daemon worked, and said no.
+exception it names (:func:`wire.decode_response`): the daemon worked, and said no.
 
-The Slurm hooks import this on their hot path: it imports only the standard library and
-:mod:`slurm_gpuarb.protocol`.
+The Slurm hooks import this on their hot path: it imports only ``json``, ``socket``, ``time`` and
+:mod:`slurm_gpuarb.wire` (not :mod:`slurm_gpuarb.protocol`, whose dataclasses cost more than the
+hook's whole exchange with the daemon), and ``typing`` only for the type checker.
 """
 
 from __future__ import annotations
@@ -20,11 +21,15 @@ from __future__ import annotations
 import json
 import socket
 import time
-from collections.abc import Mapping
-from typing import Any
 
-from slurm_gpuarb import protocol
+from slurm_gpuarb import wire
 from slurm_gpuarb.errors import GpuArbError, ProtocolError
+
+# Only for the type checker: importing typing at run time costs a hook more than its daemon call.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+    from typing import Any
 
 __all__ = ["DaemonUnavailable", "call"]
 
@@ -71,7 +76,7 @@ def call(socket_path: str, msg: Mapping[str, Any], *, timeout: float) -> dict[st
     ``msg`` cannot be encoded, and the error class an error response names (``NodeFault``,
     ``LeaseSpecError``, ``PermissionDeniedError``, …) when the daemon answers with an error.
     """
-    line = protocol.encode(msg)  # a message we cannot encode is our mistake, not the daemon's
+    line = wire.encode(msg)  # a message we cannot encode is our mistake, not the daemon's
     op = msg.get("op")
     deadline = time.monotonic() + timeout
     where = f"gpuarbd at {socket_path}"
@@ -85,7 +90,7 @@ def call(socket_path: str, msg: Mapping[str, Any], *, timeout: float) -> dict[st
             sock.connect(socket_path)
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             sock.sendall(line)
-            raw = protocol.read_line(_Reader(sock, deadline), protocol.MAX_RESPONSE_BYTES)
+            raw = wire.read_line(_Reader(sock, deadline), wire.MAX_RESPONSE_BYTES)
         except FileNotFoundError as e:
             raise DaemonUnavailable(f"{where} is not running (no socket); start gpuarbd or check "
                                     "[daemon] socket in gpuarb.toml") from e
@@ -94,7 +99,7 @@ def call(socket_path: str, msg: Mapping[str, Any], *, timeout: float) -> dict[st
         except TimeoutError as e:
             raise DaemonUnavailable(f"{where} did not answer within {timeout:.1f}s (hung or overloaded)") from e
         except ProtocolError as e:
-            raise DaemonUnavailable(f"{where} sent an answer over {protocol.MAX_RESPONSE_BYTES} bytes") from e
+            raise DaemonUnavailable(f"{where} sent an answer over {wire.MAX_RESPONSE_BYTES} bytes") from e
         except OSError as e:
             raise DaemonUnavailable(f"could not talk to {where}") from e
     finally:
@@ -102,7 +107,7 @@ def call(socket_path: str, msg: Mapping[str, Any], *, timeout: float) -> dict[st
     if not raw.endswith(b"\n"):
         raise DaemonUnavailable(f"{where} closed the connection without a complete answer")
     try:
-        return protocol.decode_response(raw, op=op if isinstance(op, str) else None)
+        return wire.decode_response(raw, op=op if isinstance(op, str) else None)
     except ProtocolError as e:
         if _is_error_response(raw):
             raise  # the daemon answered: our request was malformed

@@ -3,6 +3,9 @@
 Every error a user can cause or fix is a :class:`GpuArbError`. ``str(err)`` is one
 line that tells the whole story: the message, then the cause it was raised from
 (``raise TelemetryError("could not read GPU 3 memory") from e``).
+
+Every Slurm hook imports this module on its hot path, so it imports nothing (no ``typing``, no
+``enum``) and does no work beyond defining the classes.
 """
 
 from __future__ import annotations
@@ -55,6 +58,14 @@ class ProtocolError(GpuArbError):
 
 class NotFoundError(GpuArbError):
     """A lease, job or decision that was asked for does not exist."""
+
+
+class PermissionDeniedError(GpuArbError, PermissionError):
+    """The caller may not do this over the daemon's socket (wire kind ``PermissionError``).
+
+    Both a :class:`GpuArbError` (the CLI's error mapping catches it) and a builtin
+    :class:`PermissionError`.
+    """
 
 
 class NodeFault(GpuArbError):

@@ -10,47 +10,48 @@ that names the field and what was expected. ``null`` for an optional field means
 Responses (daemon → client) are read tolerantly: unknown payload fields are ignored, so a v1 daemon
 may add a field without breaking older clients; anything incompatible bumps :data:`PROTOCOL_VERSION`.
 
-This module is imported by the Slurm hooks on their hot path, so it is stdlib-only (plus ``model``
-and ``errors``) and does no work at import time beyond building a few small tables.
+The framing, the limits, the response envelope and the error kinds live in :mod:`slurm_gpuarb.wire`
+(re-exported here): the Slurm hooks' client imports only that, because this module's dataclasses
+(and ``model``'s) cost a hook more than the rest of its run. This module is stdlib-only (plus ``model``,
+``errors`` and ``wire``) for the daemon and the CLI.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any, ClassVar, Final, NoReturn, Protocol, TypeAlias
+from typing import Any, ClassVar, Final, TypeAlias
 
-from slurm_gpuarb import errors, model
-from slurm_gpuarb.errors import GpuArbError, ProtocolError
+from slurm_gpuarb import model, wire
+from slurm_gpuarb.errors import PermissionDeniedError as PermissionDeniedError  # re-export: it used to live here
+from slurm_gpuarb.errors import ProtocolError
 
-PROTOCOL_VERSION: Final = 1
-MAX_MESSAGE_BYTES: Final = 64 * 1024  # one request line, newline included: a daemon never buffers more
-MAX_RESPONSE_BYTES: Final = 4 * 1024 * 1024  # explain answers carry decision inputs; still bounded
+# The wire layer, re-exported ("X as X"), so that protocol stays the one module the daemon and CLI
+# import; its private helpers, so that the request parser names a bad field as the response decoder does.
+from slurm_gpuarb.wire import _MISSING, _bad_field, _check_version, _describe, _json_type, _load, _quote
+from slurm_gpuarb.wire import INTERNAL_ERROR_MESSAGE as INTERNAL_ERROR_MESSAGE
+from slurm_gpuarb.wire import MAX_ERROR_CHARS as MAX_ERROR_CHARS
+from slurm_gpuarb.wire import MAX_MESSAGE_BYTES as MAX_MESSAGE_BYTES
+from slurm_gpuarb.wire import MAX_RESPONSE_BYTES as MAX_RESPONSE_BYTES
+from slurm_gpuarb.wire import PROTOCOL_VERSION as PROTOCOL_VERSION
+from slurm_gpuarb.wire import REQUEST_OPS as REQUEST_OPS
+from slurm_gpuarb.wire import decode_response as decode_response
+from slurm_gpuarb.wire import error as error
+from slurm_gpuarb.wire import read_line as read_line
+
 MAX_TOKEN_CHARS: Final = 128
 MAX_SPEC_CHARS: Final = 4096
 MAX_REASON_CHARS: Final = 1024
-MAX_ERROR_CHARS: Final = 2048
 MAX_COMMENT_CHARS: Final = 16 * 1024  # SLURM_JOB_COMMENT as the Prolog saw it; the hook cuts a longer one
 MAX_GRES_CHARS: Final = 4096  # SLURM_JOB_GPUS: a comma list of GRES indices
 MAX_INT: Final = 2**31 - 1  # fits every ledger integer column, on PostgreSQL too
 # Ids and node names end up in syslog key=value lines: no spaces, quotes or control characters.
 TOKEN_CHARS: Final = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._:@+-"
 PLANES: Final = ("host", "submit", "prolog", "epilog", "agent", "cli", "health")
-REQUEST_OPS: Final = ("request", "renew", "release", "status", "explain", "ping", "job_start", "job_end", "health")
-INTERNAL_ERROR_MESSAGE: Final = "internal error in gpuarbd; its log has the details"
 _ENV_NAME_RE: Final = re.compile(r"[A-Z_][A-Z0-9_]{0,127}", re.ASCII)
-
-
-class PermissionDeniedError(GpuArbError, PermissionError):
-    """The caller may not do this over the socket (wire kind ``PermissionError``).
-
-    It is both a :class:`GpuArbError` (the CLI's error mapping catches it) and a builtin
-    :class:`PermissionError`.
-    """
 
 
 # --------------------------------------------------------------------------- field rules
@@ -375,89 +376,14 @@ def ok(op: str, /, **payload: Any) -> dict[str, Any]:
     return {"v": PROTOCOL_VERSION, "ok": True, "op": op, **payload}
 
 
-def error(exc: BaseException) -> dict[str, Any]:
-    """An error response for ``exc``; never carries a traceback.
-
-    A :class:`GpuArbError` keeps its message, under the name of its nearest class in ``errors.py``
-    (a subclass defined elsewhere travels as its errors.py parent). :class:`PermissionDeniedError`,
-    and a builtin :class:`PermissionError` raised on purpose (no ``errno``), travel as
-    ``PermissionError``. Anything else is an ``InternalError`` with a generic message: the daemon
-    logs the details, the client must not see them.
-    """
-    kind = _kind_of(exc)
-    if kind is None:
-        kind, message = "InternalError", INTERNAL_ERROR_MESSAGE
-    else:
-        message = _public_message(exc)
-    return {"v": PROTOCOL_VERSION, "ok": False, "error": {"kind": kind, "message": message}}
-
-
 def encode(msg: Mapping[str, Any] | Message) -> bytes:
-    """One wire line: compact ASCII JSON and ``\\n``.
+    """One wire line: compact ASCII JSON and ``\\n``; :func:`wire.encode` that also takes a request dataclass.
 
     Raises :class:`ProtocolError` when the message holds something JSON cannot carry, or is longer
     than the limit its reader enforces (:data:`MAX_RESPONSE_BYTES` for responses, i.e. objects
     with ``ok``; :data:`MAX_MESSAGE_BYTES` otherwise).
     """
-    obj = msg.to_json() if isinstance(msg, _Message) else msg
-    try:
-        line = json.dumps(obj, separators=(",", ":"), allow_nan=False).encode("ascii") + b"\n"
-    except (TypeError, ValueError) as e:
-        raise ProtocolError("the message holds a value JSON cannot carry") from e
-    limit = MAX_RESPONSE_BYTES if "ok" in obj else MAX_MESSAGE_BYTES
-    if len(line) > limit:
-        raise ProtocolError(f"the encoded message is {len(line)} bytes, over the {limit}-byte limit; ask for less")
-    return line
-
-
-def decode_response(line: bytes | bytearray | str, *, op: str | None = None) -> dict[str, Any]:
-    """Validate a response's envelope and return it; an error response raises its exception.
-
-    ``ok: false`` raises the :mod:`slurm_gpuarb.errors` class its ``kind`` names (``PermissionError``:
-    :class:`PermissionDeniedError`; an unknown kind: :class:`GpuArbError` prefixed with the kind).
-    With ``op``, a success response for another op is a :class:`ProtocolError`.
-    """
-    obj = _load(line, MAX_RESPONSE_BYTES, "response")
-    if not isinstance(obj, dict):
-        raise ProtocolError(f"a response must be a JSON object, not {_json_type(obj)}")
-    _check_version(obj, "response")
-    status = obj.get("ok")
-    if status is True:
-        got = obj.get("op")
-        if not isinstance(got, str) or got not in REQUEST_TYPES:
-            _bad_field("response", "op", "one of " + ", ".join(REQUEST_OPS), got)
-        if op is not None and got != op:
-            raise ProtocolError(f"asked gpuarbd for '{op}' but it answered '{got}'")
-        return obj
-    if status is not False:
-        _bad_field("response", "ok", "true or false", status)
-    err = obj.get("error")
-    if not isinstance(err, dict):
-        _bad_field("error response", "error", 'an object {"kind": ..., "message": ...}', err)
-    kind, message = err.get("kind"), err.get("message")
-    if not isinstance(kind, str) or not kind:
-        _bad_field("error response", "error.kind", "a non-empty string", kind)
-    if not isinstance(message, str):
-        _bad_field("error response", "error.message", "a string", message)
-    cls = _CLASS_BY_KIND.get(kind)
-    if cls is None:
-        raise GpuArbError(f"{kind}: {message}")
-    raise cls(message)
-
-
-class _LineReader(Protocol):
-    def readline(self, size: int = -1, /) -> bytes: ...
-
-
-def read_line(stream: _LineReader, limit: int = MAX_MESSAGE_BYTES) -> bytes:
-    """Read one message line from a binary stream, never more than ``limit`` bytes; ``b""`` at end.
-
-    A longer line is a :class:`ProtocolError`; the stream is then mid-line, so close the connection.
-    """
-    line = stream.readline(limit + 1)
-    if len(line) > limit:
-        raise ProtocolError(f"message longer than {limit} bytes (MAX_MESSAGE_BYTES); send one JSON object per line")
-    return line
+    return wire.encode(msg.to_json() if isinstance(msg, _Message) else msg)
 
 
 # --------------------------------------------------------------------------- payload objects
@@ -672,9 +598,6 @@ def job_start_to_json(grant: Grant, decision: model.Decision | None, lease: mode
 
 # --------------------------------------------------------------------------- internals
 
-_MISSING: Final[Any] = object()
-
-
 class _Reader:
     """Typed field access on a decoded response object, with errors that name the field."""
 
@@ -751,139 +674,6 @@ def _plain(obj: Any) -> dict[str, Any]:
             value = dict(value)
         out[f.name] = value
     return out
-
-
-def _load(data: bytes | bytearray | str, limit: int, what: str) -> Any:
-    """Size-check, UTF-8-decode and JSON-parse one message (duplicate keys and NaN refused)."""
-    if isinstance(data, str):
-        text = data
-        try:
-            size = len(data.encode("utf-8"))
-        except UnicodeEncodeError as e:
-            raise ProtocolError(f"the {what} is not valid UTF-8") from e
-    elif isinstance(data, bytes | bytearray):
-        size = len(data)
-        if size > limit:  # before decoding: never spend work on an oversized line
-            raise ProtocolError(f"the {what} is {size} bytes, over the {limit}-byte limit")
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise ProtocolError(f"the {what} is not valid UTF-8") from e
-    else:
-        raise ProtocolError(f"a {what} must be bytes or text holding one JSON object, not {type(data).__name__}")
-    if size > limit:
-        raise ProtocolError(f"the {what} is {size} bytes, over the {limit}-byte limit")
-    if not text.strip():
-        raise ProtocolError(f"empty {what}; expected one JSON object per line")
-    try:
-        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
-    except ProtocolError:
-        raise
-    except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError; so is an over-long integer
-        raise ProtocolError(f"the {what} is not valid JSON") from e
-
-
-def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-    # json keeps the last of duplicate keys; two readers could then disagree on what was asked.
-    out = dict(pairs)
-    if len(out) != len(pairs):
-        seen: set[str] = set()
-        for key, _ in pairs:
-            if key in seen:
-                raise ProtocolError(f"duplicate field {_quote(key)} in a JSON object; give each field once")
-            seen.add(key)
-    return out
-
-
-def _no_constant(name: str) -> NoReturn:
-    raise ProtocolError(f"{name} is not valid JSON; numbers must be finite")
-
-
-def _check_version(obj: Mapping[str, Any], what: str) -> None:
-    v = obj.get("v", _MISSING)
-    if v is _MISSING:
-        raise ProtocolError(f'the {what} has no "v" field; every message carries "v": {PROTOCOL_VERSION}')
-    if v != PROTOCOL_VERSION or isinstance(v, bool) or not isinstance(v, int):
-        shown = json.dumps(v) if isinstance(v, int | str | bool) or v is None else _json_type(v)
-        raise ProtocolError(
-            f"this gpuarb speaks protocol v{PROTOCOL_VERSION}, but the {what} has v={shown}; "
-            "run the same slurm-gpuarb version on both ends"
-        )
-
-
-_KIND_BY_CLASS: Final[Mapping[type, str]] = {
-    **{obj: name for name, obj in vars(errors).items() if isinstance(obj, type) and issubclass(obj, GpuArbError)},
-    PermissionDeniedError: "PermissionError",
-}
-_CLASS_BY_KIND: Final[Mapping[str, type[GpuArbError]]] = {kind: cls for cls, kind in _KIND_BY_CLASS.items()}
-
-
-def _kind_of(exc: BaseException) -> str | None:
-    if isinstance(exc, GpuArbError):
-        for cls in type(exc).__mro__:
-            kind = _KIND_BY_CLASS.get(cls)
-            if kind is not None:
-                return kind
-    # An errno means the OS refused a file or socket operation inside the daemon: internal detail.
-    if isinstance(exc, PermissionError) and exc.errno is None:
-        return "PermissionError"
-    return None
-
-
-def _public_message(exc: BaseException) -> str:
-    """``str(exc)`` as GpuArbError builds it, but with only the first line of the cause.
-
-    A driver's exception (SQLAlchemy's, psycopg's) carries the SQL and its parameters on later
-    lines; those stay in the daemon's log.
-    """
-    try:
-        msg = BaseException.__str__(exc)
-        cause = exc.__cause__
-        if cause is not None:
-            lines = (str(cause) or type(cause).__name__).splitlines()
-            detail = lines[0] if lines else type(cause).__name__
-            if detail not in msg:
-                msg = f"{msg}: {detail}"
-    except Exception:  # a broken __str__ must not turn an error answer into no answer
-        msg = type(exc).__name__
-    msg = msg or type(exc).__name__
-    return msg if len(msg) <= MAX_ERROR_CHARS else msg[: MAX_ERROR_CHARS - 1] + "…"
-
-
-def _json_type(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, int):
-        return "an integer"
-    if isinstance(value, float):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list | tuple):
-        return "an array"
-    if isinstance(value, Mapping):
-        return "an object"
-    return type(value).__name__
-
-
-def _describe(value: Any) -> str:
-    if isinstance(value, str | int | float) or value is None:
-        text = json.dumps(value)
-        if len(text) > 60:
-            text = text[:57] + "..."
-        return f"{_json_type(value)} {text}" if value is not None else "null"
-    return _json_type(value)
-
-
-def _quote(value: Any) -> str:
-    text = repr(value) if isinstance(value, str) else _describe(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _bad_field(where: str, name: str, expected: str, value: Any) -> NoReturn:
-    raise ProtocolError(f"{where}: field '{name}' must be {expected}, got {_describe(value)}")
 
 
 def _suggest(word: Any, choices: tuple[str, ...]) -> str:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import json
 import os
 import re
@@ -17,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from slurm_gpuarb import errors, model, protocol
-from slurm_gpuarb.errors import GpuArbError, LeaseSpecError, LedgerError, NotFoundError, ProtocolError
+from slurm_gpuarb import errors, model, protocol, wire
+from slurm_gpuarb.errors import NotFoundError, ProtocolError
 from slurm_gpuarb.protocol import (
     MAX_INT,
     MAX_MESSAGE_BYTES,
@@ -32,7 +30,6 @@ from slurm_gpuarb.protocol import (
     JobEndMsg,
     JobStartMsg,
     LeaseRequestMsg,
-    PermissionDeniedError,
     PingMsg,
     ReleaseMsg,
     RenewMsg,
@@ -687,108 +684,18 @@ def test_ok_builds_the_envelope_and_guards_it() -> None:
         protocol.ok("ping", error="x")
 
 
-# --------------------------------------------------------------------------- errors
+# --------------------------------------------------------------------------- the wire layer
+# Framing, the response envelope and the error kinds are wire.py's: tests/test_wire.py tests them.
 
 
-def _error_classes() -> list[type[GpuArbError]]:
-    return [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, GpuArbError)]
-
-
-@pytest.mark.parametrize("cls", _error_classes(), ids=lambda c: c.__name__)
-def test_every_error_class_crosses_the_wire(cls: type[GpuArbError]) -> None:
-    response = protocol.error(cls("what went wrong; how to fix it"))
-    assert response == {
-        "v": 1,
-        "ok": False,
-        "error": {"kind": cls.__name__, "message": "what went wrong; how to fix it"},
-    }
-    with pytest.raises(cls) as info:
-        protocol.decode_response(protocol.encode(response))
-    assert type(info.value) is cls
-    assert str(info.value) == "what went wrong; how to fix it"
-
-
-def test_a_subclass_from_elsewhere_travels_as_its_errors_parent() -> None:
-    class SpecTooLong(LeaseSpecError):
-        pass
-
-    assert protocol.error(SpecTooLong("spec is 5000 characters"))["error"]["kind"] == "LeaseSpecError"
-
-
-def test_other_exceptions_become_a_generic_internal_error() -> None:
-    for exc in (ValueError("password=hunter2"), KeyError("secret"), KeyboardInterrupt()):
-        response = protocol.error(exc)
-        assert response["error"] == {"kind": "InternalError", "message": protocol.INTERNAL_ERROR_MESSAGE}
-    with pytest.raises(GpuArbError, match=r"^InternalError: internal error in gpuarbd") as info:
-        protocol.decode_response(protocol.encode(protocol.error(ValueError("x"))))
-    assert type(info.value) is GpuArbError
-
-
-def test_permission_errors() -> None:
-    denied = protocol.error(PermissionDeniedError("uid 1000 may not create leases; only root or SlurmUser may"))
-    assert denied["error"]["kind"] == "PermissionError"
-    deliberate = protocol.error(PermissionError("uid 1000 may only release its own leases"))
-    assert deliberate["error"] == {"kind": "PermissionError", "message": "uid 1000 may only release its own leases"}
-    # An errno means the OS refused the daemon itself: the path is an internal detail.
-    from_os = protocol.error(PermissionError(13, "Permission denied", "/var/lib/gpuarb/ledger.db"))
-    assert from_os["error"]["kind"] == "InternalError"
-    with pytest.raises(PermissionDeniedError) as info:
-        protocol.decode_response(protocol.encode(deliberate))
-    assert isinstance(info.value, GpuArbError) and isinstance(info.value, PermissionError)
-
-
-def test_error_message_keeps_only_the_first_line_of_the_cause() -> None:
-    first = "(sqlite3.OperationalError) database is locked"
-    cause = Exception(f"{first}\n[SQL: INSERT INTO leases]\n[parameters: ('s3cret',)]")
-    try:
-        raise LedgerError("could not record lease L-1; retry or check the ledger") from cause
-    except LedgerError as e:
-        response = protocol.error(e)
-    message = response["error"]["message"]
-    assert message == f"could not record lease L-1; retry or check the ledger: {first}"
-    assert "s3cret" not in json.dumps(response)
-
-
-def test_error_message_is_capped() -> None:
-    message = protocol.error(LedgerError("x" * 10_000))["error"]["message"]
-    assert len(message) == protocol.MAX_ERROR_CHARS and message.endswith("…")
-
-
-@pytest.mark.parametrize(
-    ("raw", "expected"),
-    [
-        (b'{"ok":true,"op":"ping"}', 'the response has no "v" field'),
-        (b'{"v":2,"ok":true,"op":"ping"}', "this gpuarb speaks protocol v1, but the response has v=2"),
-        (b'{"v":1,"op":"ping"}', "field 'ok' must be true or false, got null"),
-        (b'{"v":1,"ok":"yes","op":"ping"}', "field 'ok' must be true or false"),
-        (b'{"v":1,"ok":true,"op":"pong"}', "field 'op' must be one of request"),
-        (b'{"v":1,"ok":true,"op":"status","gpus":[]}', "asked gpuarbd for 'ping' but it answered 'status'"),
-        (b'{"v":1,"ok":false}', "field 'error' must be an object"),
-        (b'{"v":1,"ok":false,"error":{"message":"m"}}', "field 'error.kind' must be a non-empty string"),
-        (b'{"v":1,"ok":false,"error":{"kind":"LedgerError"}}', "field 'error.message' must be a string"),
-        (b"[]", "a response must be a JSON object"),
-        (b"\xff\n", "not valid UTF-8"),
-    ],
-)
-def test_malformed_responses(raw: bytes, expected: str) -> None:
-    with pytest.raises(ProtocolError) as info:
-        protocol.decode_response(raw, op="ping")
-    assert expected in str(info.value)
-
-
-def test_unknown_error_kind_becomes_gpuarb_error() -> None:
-    with pytest.raises(GpuArbError, match=r"^QuotaError: over quota$") as info:
-        protocol.decode_response(b'{"v":1,"ok":false,"error":{"kind":"QuotaError","message":"over quota"}}\n')
-    assert type(info.value) is GpuArbError
-
-
-@given(st.binary(max_size=200))
-def test_arbitrary_responses_only_raise_gpuarb_errors(raw: bytes) -> None:
-    with contextlib.suppress(GpuArbError):
-        protocol.decode_response(raw)
-
-
-# --------------------------------------------------------------------------- framing
+def test_the_wire_layer_is_re_exported_unchanged() -> None:
+    for name in set(wire.__all__) - {"encode"}:
+        assert getattr(protocol, name) is getattr(wire, name), name
+    assert protocol.PermissionDeniedError is errors.PermissionDeniedError
+    # protocol.encode also takes the request dataclasses; for plain objects it is wire.encode.
+    assert protocol.encode(PingMsg()) == wire.encode({"v": 1, "op": "ping"})
+    assert protocol.encode({"v": 1, "ok": True, "op": "ping"}) == wire.encode({"v": 1, "ok": True, "op": "ping"})
+    assert tuple(REQUEST_TYPES) == wire.REQUEST_OPS
 
 
 def test_encode_is_compact_ascii_json_and_one_line() -> None:
@@ -801,37 +708,11 @@ def test_encode_is_compact_ascii_json_and_one_line() -> None:
     )
 
 
-def test_encode_refuses_what_json_or_the_reader_cannot_take() -> None:
-    with pytest.raises(ProtocolError, match="JSON cannot carry"):
-        protocol.encode(protocol.ok("ping", version=float("nan")))
-    with pytest.raises(ProtocolError, match="JSON cannot carry"):
-        protocol.encode(protocol.ok("ping", version={1, 2}))
-    with pytest.raises(ProtocolError, match=f"over the {MAX_MESSAGE_BYTES}-byte limit"):
-        protocol.encode({"v": 1, "op": "request", "spec": "x" * MAX_MESSAGE_BYTES})
-    # Responses may be bigger (explain carries decision inputs), up to their own limit.
-    big = protocol.encode(protocol.ok("explain", text="x" * (4 * MAX_MESSAGE_BYTES), records=[]))
-    assert protocol.decode_response(big)["text"] == "x" * (4 * MAX_MESSAGE_BYTES)
-    with pytest.raises(ProtocolError, match="over the"):
-        protocol.encode(protocol.ok("explain", text="x" * protocol.MAX_RESPONSE_BYTES, records=[]))
-
-
-def test_read_line_is_bounded() -> None:
-    ping = protocol.encode(PingMsg())
-    exact = b'{"v":1,"op":"ping"' + b" " * (MAX_MESSAGE_BYTES - len(ping)) + b"}\n"
-    stream = io.BytesIO(ping + exact + b"x" * (MAX_MESSAGE_BYTES + 10) + b"\n")
-    assert protocol.read_line(stream) == ping
-    assert protocol.read_line(stream) == exact and len(exact) == MAX_MESSAGE_BYTES
-    with pytest.raises(ProtocolError, match="longer than 65536 bytes"):
-        protocol.read_line(stream)
-    assert protocol.read_line(io.BytesIO(b"")) == b""
-    assert protocol.read_line(io.BytesIO(b'{"v":1,"op":"ping"}'), limit=20) == b'{"v":1,"op":"ping"}'
-
-
 # --------------------------------------------------------------------------- import cost
 
 
 def test_import_stays_stdlib_only() -> None:
-    """The hooks import this on Slurm's hot path: nothing heavy, nothing outside the stdlib."""
+    """A hook's in-process fallback imports this (the hot path imports only wire): nothing heavy, only stdlib."""
     code = (
         "import sys; before = set(sys.modules); import slurm_gpuarb.protocol; "
         "print(' '.join(sorted(set(sys.modules) - before)))"
@@ -845,5 +726,6 @@ def test_import_stays_stdlib_only() -> None:
     tops = {name.split(".")[0] for name in loaded}
     assert not tops & {"sqlalchemy", "click", "jinja2", "jsonschema", "alembic", "pynvml", "psycopg", "difflib"}
     ours = {name for name in loaded if name.split(".")[0] == "slurm_gpuarb"}
-    assert ours <= {"slurm_gpuarb", "slurm_gpuarb.protocol", "slurm_gpuarb.model", "slurm_gpuarb.errors"}
+    assert ours <= {"slurm_gpuarb", "slurm_gpuarb.protocol", "slurm_gpuarb.model", "slurm_gpuarb.errors",
+                    "slurm_gpuarb.wire"}
     assert tops - {"slurm_gpuarb"} <= set(sys.stdlib_module_names), tops - set(sys.stdlib_module_names)

@@ -13,6 +13,7 @@ HealthCheckProgram          :mod:`.health`             drains a node holding a f
 
 Shared: :mod:`.common` (settings, deadline, environment, daemon call with in-process fallback),
 :mod:`.grants` (the grant file), :mod:`.exitcodes` (outcome → exit code). The hot-path modules
-import only the standard library and ``slurm_gpuarb.{protocol,model,errors,units,client,logsink}``:
-this package's ``__init__`` imports nothing, so importing one hook does not import the others.
+import only the standard library and ``slurm_gpuarb.{errors,units,logsink,client,wire}``; ``protocol``
+and ``model`` only when the daemon is down (the in-process fallback). This package's ``__init__``
+imports nothing, so importing one hook does not import the others.
 """

@@ -4,16 +4,21 @@
 ``python -I``; medians of 40 round-robin runs, each ratio to the same run's bare interpreter, which
 took 16-18 ms; a fake daemon that answers at once): a CPU job's Prolog 27 ms (1.5x: it stops before
 reading anything), the TaskProlog 27 ms (1.4x), the Prolog with the daemon 91 ms (5.0x), the Epilog
-88 ms (4.8x). What puts those two over the 3x budget is ``import slurm_gpuarb.protocol`` (74 ms
-alone, 4.6x): the dataclasses of ``model`` and ``protocol`` are built at import. With a stdlib-only
-wire module (encode, read_line, decode_response) in its place for the client, a prototype, the
-Prolog takes 47 ms (2.6x) and the Epilog 46 ms (2.5x).
+88 ms (4.8x). What put those two over the 3x budget was ``import slurm_gpuarb.protocol`` (74 ms
+alone, 4.6x): the dataclasses of ``model`` and ``protocol`` are built at import. The client now
+speaks through :mod:`slurm_gpuarb.wire` (``json`` and ``errors`` only) instead. Measured the same
+way (60 round-robin runs of the old and new code, Debian's python3.11 -I, a fake daemon in another
+process): the Prolog with the daemon 91-97 → 53-56 ms (5.3-5.5x → 3.1x), the Epilog 90-99 → 50-56 ms
+(2.9-3.1x). What is left above the bare interpreter is mostly ``tomllib`` with ``signal`` (22 ms
+together: tomllib imports ``typing`` and ``re``), then ``json`` and ``socket`` (4 ms on top of
+those); wire, errors and the client add about 1 ms.
 
 **Settings.** A hook needs six settings (socket, state dir, log file, fail mode, deadline, shard
 quantum), not the whole site config. Loading the test cluster's gpuarb.toml with ``config.load()``
-costs 12 ms more than reading those keys with ``tomllib`` (104 vs 92 ms, with the client as it is),
-and 44 ms more beside the lean client (90 vs 46 ms: it then also imports ``model`` and
-``dataclasses``, besides ``pathlib``, ``urllib.parse`` and validating the whole inventory). So
+costs 12 ms more than reading those keys with ``tomllib`` (104 vs 92 ms, with the old client that
+imported ``protocol``), and 44 ms more beside a wire-only client (90 vs 46 ms, its prototype: it then
+also imports ``model`` and ``dataclasses``, besides ``pathlib``, ``urllib.parse`` and validating the
+whole inventory). So
 :func:`read_settings` reads just those keys and applies the same ``GPUARB_*`` environment twins and
 defaults as :func:`slurm_gpuarb.config.load` (tests/hooks/test_common.py keeps the two in
 agreement). A cache of the parsed settings (keyed by the file's inode, size and times) measured no
@@ -364,7 +369,7 @@ def ask(settings: Settings, msg: dict[str, Any], deadline: Deadline, env: Mappin
     except Exception as e:
         raise LedgerUnavailable("the in-process fallback failed too") from e
     if answer.get("ok") is not True:
-        from slurm_gpuarb import protocol
+        from slurm_gpuarb import wire
 
-        protocol.decode_response(protocol.encode(answer), op=msg.get("op"))  # raises the error it names
+        wire.decode_response(wire.encode(answer), op=msg.get("op"))  # raises the error it names
     return answer

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from slurm_gpuarb import client, protocol
+from slurm_gpuarb import client, wire
 from slurm_gpuarb.errors import LeaseSpecError, NodeFault, ProtocolError
 
 from .conftest import CLOSE, HANG, FakeDaemon, Respond, err, ok
@@ -113,7 +113,7 @@ def test_no_proper_answer_is_daemon_unavailable(daemon_factory: Factory, answer:
 
 
 def test_oversized_answer_is_daemon_unavailable(daemon_factory: Factory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(protocol, "MAX_RESPONSE_BYTES", 64)
+    monkeypatch.setattr(wire, "MAX_RESPONSE_BYTES", 64)
     d = daemon_factory(lambda req: ok("ping", pad="x" * 200))
     with pytest.raises(client.DaemonUnavailable, match="over 64 bytes"):
         client.call(d.path, PING, timeout=2)
