@@ -6,6 +6,11 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 T0=$(date +%s)
 bash scripts/install.sh --dev
+# Lua 5.1: the interpreter Slurm 22.05's job_submit/cli_filter plugins embed; the tests run the rendered
+# job_submit.lua under it against the Python parser.
+if ! command -v lua5.1 >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends lua5.1 >/dev/null
+fi
 
 # shellcheck disable=SC1090
 eval "$(bash scripts/pg-up.sh)"
