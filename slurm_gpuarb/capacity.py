@@ -22,13 +22,12 @@ at most once per PID per call: on a real host that means reading ``/proc``.
 from __future__ import annotations
 
 import os
-import pwd
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Protocol
 
+from . import procfs
 from .model import GpuInfo, GpuProcess, GpuState, Lease, LeaseState, Matcher, Reservation, Tenant, TenantKind
 
 __all__ = [
@@ -95,15 +94,6 @@ def job_id_from_cgroup(text: str) -> str | None:
     return None
 
 
-@lru_cache(maxsize=4096)
-def _user_name(uid: int) -> str | None:
-    # Cached: with sssd/LDAP a passwd lookup can cost milliseconds, and it runs per request.
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
-
-
 class LinuxProcReader:
     """Reads ``/proc/PID/{comm,status,cgroup}``. A process that vanished (it may exit at any
     moment between NVML listing it and us reading it) gives None, never an exception."""
@@ -112,24 +102,12 @@ class LinuxProcReader:
         self.proc_root = Path(proc_root)
 
     def __call__(self, pid: int) -> ProcInfo | None:
-        base = self.proc_root / str(pid)
-        try:
-            name = (base / "comm").read_text(errors="replace").rstrip("\n")
-            status = (base / "status").read_text(errors="replace")
-        except OSError:
+        name, uid, user = procfs.identity(pid, self.proc_root)
+        if name is None:
             return None
-        uid: int | None = None
-        for line in status.splitlines():
-            if line.startswith("Uid:"):
-                fields = line.split()
-                if len(fields) > 1 and fields[1].isdigit():
-                    uid = int(fields[1])  # the real uid: who started it, not a setuid identity
-                break
-        try:
-            job_id = job_id_from_cgroup((base / "cgroup").read_text(errors="replace"))
-        except OSError:
-            job_id = None
-        return ProcInfo(pid=pid, name=name, uid=uid, user=_user_name(uid) if uid is not None else None, job_id=job_id)
+        text = procfs.cgroup(pid, self.proc_root)
+        return ProcInfo(pid=pid, name=name, uid=uid, user=user,
+                        job_id=job_id_from_cgroup(text) if text is not None else None)
 
 
 def no_proc_reader(pid: int) -> ProcInfo | None:
@@ -180,7 +158,7 @@ class _Proc:
         if self.rec.user is not None:
             return self.rec.user
         if self.rec.uid is not None:
-            return _user_name(self.rec.uid)
+            return procfs.user_name(self.rec.uid)
         info = self._proc()
         return info.user if info else None
 

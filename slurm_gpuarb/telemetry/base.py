@@ -17,15 +17,13 @@ hand out memory that does not exist.
 from __future__ import annotations
 
 import importlib.util
-import os
-import pwd
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from types import TracebackType
 
+from .. import procfs
 from ..errors import ConfigError, TelemetryError
 from ..model import GpuInfo, GpuProcess
 
@@ -94,31 +92,9 @@ class Telemetry(ABC):
 # --------------------------------------------------------------------------- process identity
 
 
-@lru_cache(maxsize=256)
-def _user_name(uid: int) -> str | None:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return None
-
-
 def proc_identity(pid: int, proc_root: Path = Path("/proc")) -> tuple[str | None, int | None, str | None]:
-    """``(comm, uid, user)`` of a live process from ``/proc``; ``None`` for what is not readable.
-
-    ``comm`` is the kernel's process name (at most 15 characters), which is what a
-    reservation matcher's ``process=`` compares against. A PID from another PID namespace
-    (a container) or one that has exited yields ``(None, None, None)``.
-    """
-    base = proc_root / str(pid)
-    try:
-        comm: str | None = (base / "comm").read_text(encoding="utf-8", errors="replace").rstrip("\n")
-    except OSError:
-        comm = None
-    try:
-        uid: int | None = os.stat(base).st_uid
-    except OSError:
-        uid = None
-    return comm, uid, (_user_name(uid) if uid is not None else None)
+    """``(comm, uid, user)`` of a live process (see :func:`slurm_gpuarb.procfs.identity`)."""
+    return procfs.identity(pid, proc_root)
 
 
 # --------------------------------------------------------------------------- registry

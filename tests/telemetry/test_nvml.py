@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -90,8 +89,10 @@ def test_process_identity_comes_from_proc(fake_pynvml: Installer, tmp_path: Path
     fake_pynvml("rtx3090ti")
     (tmp_path / "4242").mkdir()
     (tmp_path / "4242" / "comm").write_text("ollama\n")
+    # the real uid (who started it), not the effective one of a setuid program
+    (tmp_path / "4242" / "status").write_text("Name:\tollama\nUid:\t999\t0\t0\t0\nGid:\t999\t999\t999\t999\n")
     procs = {p.pid: p for p in NvmlTelemetry(proc_root=tmp_path).processes()}
-    assert procs[4242].name == "ollama" and procs[4242].uid == os.getuid()
+    assert procs[4242].name == "ollama" and procs[4242].uid == 999
     assert procs[5555].name == "" and procs[5555].uid is None
 
 
