@@ -30,24 +30,33 @@ alive() {
 
 # make_dirs: the state directory tree (root-owned; out/ is for job output of any user).
 make_dirs() {
-  install -d -m 0755 "$D" "$D"/{etc,run,log,spool,spool/ctld,spool/d,dev,state,state/run,state/fake,hooks}
+  install -d -m 0755 "$D" "$D"/{etc,run,log,spool,spool/ctld,spool/d,dev,state,state/run,fake,hooks}
   install -d -m 1777 "$D/out"
 }
 
 # install_hooks 0|1|auto: copy the repo's prolog/ and epilog/ shims to $D/hooks, root-owned (Slurm
-# runs them as root: nobody else may write them). Prints 1 when there are shims to render hook
-# lines for, else 0. "1" insists on shims, "auto" takes what exists, "0" renders no hook lines.
+# runs them as root: nobody else may write them), each pinned to the absolute interpreter of the
+# gpuarb install ($GPUARB's directory: hooks get no PATH, and the repo's shims only guess
+# <hooks>/../venv). Prints 1 when there are shims to render hook lines for, else 0. "1" insists on
+# shims, "auto" takes what exists, "0" renders no hook lines.
 install_hooks() {
   case $1 in
     0) echo 0; return ;;
     1|auto) ;;
     *) die "GPUARB_CLUSTER_HOOKS must be 0, 1 or auto, got '$1'" ;;
   esac
+  local py=${GPUARB%/*}/python sub f
+  [ -x "$py" ] || die "no interpreter at $py (the hooks run the gpuarb install's own python; set GPUARB)"
+  case $py in *[\|\&\\]*) die "the interpreter path $py holds a character sed cannot take (| & \\)";; esac
   rm -rf "$D/hooks"; install -d -m 0755 "$D/hooks"
-  local sub
   for sub in prolog epilog; do
     if [ -d "$REPO/$sub" ]; then cp -r "$REPO/$sub" "$D/hooks/"; fi
   done
+  find "$D/hooks" -type f -print0 | while IFS= read -r -d '' f; do
+    sed -i "s|^exec \"[^\"]*\" |exec \"$py\" |" "$f"
+    chmod 0755 "$f"
+  done
+  chown -R root:root "$D/hooks"
   chmod -R go-w "$D/hooks"
   if [ -n "$(find "$D/hooks" -type f)" ]; then echo 1; return; fi
   if [ "$1" = 1 ]; then die "GPUARB_CLUSTER_HOOKS=1 but $REPO/prolog and $REPO/epilog hold no hook shims"; fi
@@ -68,14 +77,18 @@ render_configs() {
   local etc=$D/etc
   write_gpuarb_toml "$etc/gpuarb.toml"
   rm -rf "$etc/rendered"
-  local args=(--config "$etc/gpuarb.toml" --out "$etc/rendered" --dev-dir "$D/dev/{node}"
+  local args=(--out "$etc/rendered" --dev-dir "$D/dev/{node}"
               --templates "$REPO/templates" --node-hostname "$node_host" --node-addr "$node_addr" --port-base 17001)
   [ "$hooks" = 1 ] && args+=(--hooks-dir "$D/hooks")
+  # job_submit.lua / cli_filter.lua: GPUARB_CLUSTER_LUA=1 renders and loads them. Off by default
+  # until the submit plane is proven on this cluster; the run plane's tests submit plain GRES.
+  if [ "${GPUARB_CLUSTER_LUA:-0}" = 1 ]; then args+=(--lua); else args+=(--no-lua); fi
   # `gpuarb render` once the CLI has it with these options; its library twin until then.
+  # (--config is an option of the command group: it goes before `render`.)
   if "$gpuarb" render --help 2>/dev/null | grep -q -- '--port-base'; then
-    "$gpuarb" render "${args[@]}" >/dev/null
+    "$gpuarb" --config "$etc/gpuarb.toml" render "${args[@]}" >/dev/null
   else
-    "$(dirname "$(readlink -f "$gpuarb")")/python" -m slurm_gpuarb.render "${args[@]}" >/dev/null
+    "$(dirname "$(readlink -f "$gpuarb")")/python" -m slurm_gpuarb.render --config "$etc/gpuarb.toml" "${args[@]}" >/dev/null
   fi
   { echo "$MARK"; cat "$etc/rendered/gres.conf"; } > "$etc/gres.conf"
   # job_submit.lua / cli_filter.lua: only when the render step makes them (Slurm reads them
@@ -85,8 +98,11 @@ render_configs() {
     rm -f "$etc/$lua"
     if [ -e "$etc/rendered/$lua" ]; then cp "$etc/rendered/$lua" "$etc/$lua"; chmod 644 "$etc/$lua"; fi
   done
+  # The render step's HealthCheckInterval suits a real cluster (60 s); the test cluster checks every
+  # few seconds, so a foreign process drains its node within a test's patience.
   { write_base_slurm_conf "$ctld_host" "$ctld_addr" "$node_host" "$node_addr" "$dbd" "$cgroup"
-    cat "$etc/rendered/slurm.conf.part"; } > "$etc/slurm.conf"
+    sed -E "s/^HealthCheckInterval=.*/HealthCheckInterval=${GPUARB_HEALTH_INTERVAL:-3}/" "$etc/rendered/slurm.conf.part"
+  } > "$etc/slurm.conf"
   write_cgroup_conf "$cgroup" > "$etc/cgroup.conf"
   if [ "$dbd" = 1 ]; then write_slurmdbd_conf > "$etc/slurmdbd.conf"; chmod 600 "$etc/slurmdbd.conf"; fi
   chmod 644 "$etc/gpuarb.toml" "$etc/gres.conf" "$etc/slurm.conf" "$etc/cgroup.conf"
@@ -95,7 +111,8 @@ render_configs() {
 # write_gpuarb_toml OUT: the hooks' config = the cluster-local settings + the inventory.
 # The inventory has no [ledger]/[daemon] tables of its own, so appending it keeps valid TOML.
 write_gpuarb_toml() {
-  grep -Eq '^\[(ledger|daemon)\]' "$INVENTORY" && die "$INVENTORY must not set [ledger] or [daemon]: the cluster does"
+  grep -Eq '^\[(ledger|daemon|telemetry)\]' "$INVENTORY" \
+    && die "$INVENTORY must not set [ledger], [daemon] or [telemetry]: the cluster does"
   {
     echo "$MARK from $INVENTORY"
     echo "version = 1"
@@ -107,6 +124,11 @@ write_gpuarb_toml() {
     echo "socket = \"$D/state/run/gpuarb.sock\""
     echo "state_dir = \"$D/state/run\""
     echo "log_file = \"$D/log/gpuarb.log\""
+    echo
+    echo "# Hooks start with no environment: the fake GPUs' run-time overlays (a test's foreign process,"
+    echo "# memory taken outside any process) are found through this, one <node>.json each."
+    echo "[telemetry]"
+    echo "fake_state = \"$D/fake\""
     echo
     grep -Ev '^version[[:space:]]*=' "$INVENTORY"
   } > "$1"
@@ -219,3 +241,34 @@ make_devices() {
     [ -c "$f" ] || { rm -f "$f"; mknod -m 0666 "$f" c 195 "$n"; }
   done
 }
+
+# start_gpuarbd GPUARBD NODES: the node daemon, in the foreground of its own session (setsid: the
+# caller's terminal or pytest's process group ending must not take it down; not its own detach, so
+# $! is its pid), with a clean environment (like the hooks': nothing from the caller's GPUARB_* leaks
+# in; the config names everything), serving every slurmd of this host by name and reconciling the
+# ledger with Slurm every $GPUARB_RECONCILE_EVERY seconds (default 10). Its PID goes to
+# $D/run/gpuarbd.pid beside the other daemons' (native-down stops it by that file); waits until it
+# answers a ping on its socket. Idempotent: a live gpuarbd is left as it is.
+start_gpuarbd() {
+  local bin=$1 nodes=$2 pid py
+  if alive "$D/run/gpuarbd.pid" gpuarbd; then return 0; fi
+  rm -f "$D/run/gpuarbd.pid"
+  # setsid execs in place when its caller leads no process group (a background job of a script):
+  # $! is then the daemon itself, checked below by its comm.
+  env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 GPUARB_CONFIG="$D/etc/gpuarb.toml" \
+    setsid "$bin" --foreground --config "$D/etc/gpuarb.toml" --nodes "$nodes" \
+      --reconcile-every "${GPUARB_RECONCILE_EVERY:-10}" </dev/null >> "$D/log/gpuarbd.out" 2>&1 &
+  pid=$!
+  echo "$pid" > "$D/run/gpuarbd.pid"
+  py=$(dirname "$bin")/python
+  # shellcheck disable=SC2016  # expanded by python, not here
+  if ! waitfor 100 "$py" -I -c 'import sys; from slurm_gpuarb.client import call
+call(sys.argv[1], {"v": 1, "op": "ping"}, timeout=1.0)' "$(gpuarbd_socket)"; then
+    tail -20 "$D/log/gpuarbd.out" >&2 || true
+    die "gpuarbd (pid $pid) does not answer on $(gpuarbd_socket) (log: $D/log/gpuarbd.out)"
+  fi
+  [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = gpuarbd ] || die "pid $pid is not gpuarbd: setsid forked?"
+}
+
+# gpuarbd_socket: where write_gpuarb_toml put the daemon's socket.
+gpuarbd_socket() { echo "$D/state/run/gpuarb.sock"; }
