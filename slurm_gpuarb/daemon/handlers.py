@@ -347,7 +347,10 @@ class Handlers:
                            f"lease of run {le.restart_count} ended (its Epilog did not release it)")
 
     def _job_end(self, msg: protocol.JobEndMsg, peer: Peer) -> dict[str, Any]:
-        live = self._job_leases(msg.job_id, msg.node, msg.restart_count)
+        # Slurm 22.05 raises a requeued job's restart count *before* the first run's Epilog runs, so
+        # that Epilog arrives as run N+1: release this job's leases of runs up to N on this node. A
+        # late replay of run 0's Epilog (N=0) still cannot touch run 1's lease.
+        live = [le for le in self._job_leases(msg.job_id, msg.node, None) if le.restart_count <= msg.restart_count]
         if not live:
             return protocol.ok("job_end", released=[])
         peaks = self.ledger.peaks(le.id for le in live)
@@ -358,9 +361,11 @@ class Handlers:
             peak = peaks.get(le.id)
             seen = f"peak {peak}MiB" if peak is not None else "no usage sampled"
             parts.append(f"lease {le.id}: {seen} of {le.vram_mib}MiB granted")
+        if any(le.restart_count < msg.restart_count for le in live):
+            parts.append(f"Slurm counts this Epilog as run {msg.restart_count} because the job was requeued")
         inputs = {"exit_code": msg.exit_code, "peak_mib": peaks, "granted_mib": {le.id: le.vram_mib for le in live}}
-        released = self.ledger.release(job_id=msg.job_id, restart_count=msg.restart_count, node=msg.node,
-                                       reason="; ".join(parts), plane="epilog", inputs=inputs)
+        released = [le for lease in live
+                    for le in self.ledger.release(lease.id, reason="; ".join(parts), plane="epilog", inputs=inputs)]
         log(self.log_as, "released", op="job_end", job=msg.job_id, restart=msg.restart_count or None,
             node=msg.node, lease=",".join(le.id for le in released) or None, exit=msg.exit_code,
             peak=",".join(f"{k}={v}" for k, v in sorted(peaks.items())) or None)

@@ -224,6 +224,20 @@ def test_job_end_releases_once_and_records_the_peak(handlers: Handlers) -> None:
     assert rows[0].inputs["peak_mib"] == {g.lease_id: 5000}
 
 
+def test_requeued_jobs_first_epilog_arrives_as_run_1_and_releases_run_0(handlers: Handlers) -> None:
+    # Slurm 22.05 (measured on the test cluster): `scontrol requeue` raises the restart count before the
+    # first run's Epilog runs, so that Epilog says SLURM_JOB_RESTART_COUNT=1.
+    run0 = grant_of(answer(handlers, start_msg(comment="gpuarb: vram=6GiB")))
+    released = answer(handlers, protocol.JobEndMsg(job_id="12", restart_count=1, node="n1"))["released"]
+    assert released == [run0.lease_id]
+    row = next(r for r in handlers.ledger.decisions(job_id="12") if r.action == "release")
+    assert "requeued" in row.reason
+    # run 1 then starts, and a replay of run 0's Epilog cannot touch its lease
+    run1 = grant_of(answer(handlers, start_msg(comment="gpuarb: vram=6GiB", restart_count=1)))
+    assert answer(handlers, protocol.JobEndMsg(job_id="12", restart_count=0, node="n1"))["released"] == []
+    assert handlers.ledger.get(run1.lease_id or "").state is LeaseState.GRANTED
+
+
 def test_job_end_of_a_job_without_a_lease_is_fine(handlers: Handlers) -> None:
     assert answer(handlers, protocol.JobEndMsg(job_id="99", restart_count=0, node="n4"))["released"] == []
 
