@@ -103,8 +103,11 @@ class FakeDaemon:
 
 @pytest.fixture(autouse=True)
 def _no_system_config(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Hooks run in-process here must never read the machine's own /etc/slurm/gpuarb.toml."""
-    monkeypatch.setattr(common, "DEFAULT_CONFIG_PATH", str(tmp_path_factory.mktemp("system") / "gpuarb.toml"))
+    """Hooks run in-process here must never read the machine's own /etc/slurm/gpuarb.toml, nor read or
+    write its settings cache in /run/gpuarb (the tests run as root)."""
+    system = tmp_path_factory.mktemp("system")
+    monkeypatch.setattr(common, "DEFAULT_CONFIG_PATH", str(system / "gpuarb.toml"))
+    monkeypatch.setattr(common, "SETTINGS_CACHE", str(system / "run" / "hook-settings.cache"))
 
 
 @pytest.fixture

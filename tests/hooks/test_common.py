@@ -26,13 +26,27 @@ DEFAULT_CONFIG_PATH = common.DEFAULT_CONFIG_PATH  # before conftest points it in
 Factory = Callable[[Respond], FakeDaemon]
 
 
+def _values(s: common.Settings) -> tuple[object, ...]:
+    return (s.socket_path, s.state_dir, s.log_file, s.fail_mode, s.deadline_s, s.quantum_mib, s.error)
+
+
 def _same_as_config(env: dict[str, str]) -> None:
+    """read_settings agrees with config.load, both when it parses the TOML (and writes the cache) and
+    when the next call reads the cache instead."""
     s = common.read_settings(env)
     assert s.error is None
     cfg = config.load(env=env)
     assert (s.socket_path, s.state_dir, s.log_file, s.fail_mode, s.deadline_s, s.quantum_mib) == (
         str(cfg.socket_path), str(cfg.state_dir), str(cfg.log_file), cfg.fail_mode, cfg.hook_deadline_s,
         cfg.policy.quantum_mib)
+    assert Path(common.SETTINGS_CACHE).is_file()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(common, "_parse_toml", _no_parse)
+        assert _values(common.read_settings(env)) == _values(s)
+
+
+def _no_parse(path: str, raw: bytes) -> dict[str, Any]:
+    raise AssertionError("parsed the TOML although the settings cache should have answered")
 
 
 def test_defaults_equal_config_defaults(tmp_path: Path) -> None:
@@ -81,11 +95,13 @@ def test_broken_config_gives_defaults_and_an_error(tmp_path: Path, text: str, pr
     assert (s.socket_path, s.fail_mode, s.deadline_s) == ("/run/gpuarb/gpuarb.sock", "open", 10)
     with pytest.raises(ConfigError):
         config.load(env={"GPUARB_CONFIG": str(f)})
+    assert _values(common.read_settings({"GPUARB_CONFIG": str(f)})) == _values(s)  # cached or not: the same
 
 
 def test_group_writable_config_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "g.toml"
     f.write_text('version = 1\n[daemon]\nsocket = "/evil.sock"\n')
+    assert common.read_settings({"GPUARB_CONFIG": str(f)}).socket_path == "/evil.sock"  # cached now
     f.chmod(0o664)
     s = common.read_settings({"GPUARB_CONFIG": str(f)})
     assert s.error is not None and "chmod go-w" in s.error
@@ -95,6 +111,108 @@ def test_group_writable_config_is_refused(tmp_path: Path) -> None:
 def test_missing_named_config_is_an_error(tmp_path: Path) -> None:
     s = common.read_settings({"GPUARB_CONFIG": str(tmp_path / "none.toml")})
     assert s.error is not None and "cannot read" in s.error
+
+
+# --------------------------------------------------------------------------- the settings cache
+
+
+def _config(tmp_path: Path, socket: str = "/s/g.sock") -> dict[str, str]:
+    f = tmp_path / "g.toml"
+    f.write_text(f'version = 1\n[daemon]\nsocket = "{socket}"\n[hooks]\ndeadline = "4s"\n')
+    f.chmod(0o644)
+    return {"GPUARB_CONFIG": str(f)}
+
+
+def _cache() -> Path:
+    return Path(common.SETTINGS_CACHE)
+
+
+def test_cache_holds_the_key_and_the_settings_as_text(tmp_path: Path) -> None:
+    env = _config(tmp_path)
+    common.read_settings(env)
+    st = os.stat(env["GPUARB_CONFIG"])
+    key = [env["GPUARB_CONFIG"], st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_mode,
+           st.st_uid]
+    assert _cache().read_text().split("\n") == [
+        "\t".join(["gpuarb-hook-settings-1", *map(str, key)]), "daemon.socket\t/s/g.sock", "hooks.deadline\t4s",
+        "end", ""]
+    assert _cache().stat().st_mode & 0o777 == 0o644
+    assert list(_cache().parent.iterdir()) == [_cache()]  # no temp file left behind
+
+
+def test_an_edited_config_is_parsed_again_and_the_cache_rewritten(tmp_path: Path) -> None:
+    env = _config(tmp_path)
+    assert common.read_settings(env).socket_path == "/s/g.sock"
+    _config(tmp_path, socket="/s/edited.sock")
+    assert common.read_settings(env).socket_path == "/s/edited.sock"
+    assert "daemon.socket\t/s/edited.sock\n" in _cache().read_text()
+
+
+def test_environment_twins_still_win_over_a_cached_value(tmp_path: Path) -> None:
+    env = _config(tmp_path)
+    common.read_settings(env)
+    assert common.read_settings({**env, "GPUARB_SOCKET": "/e/x.sock"}).socket_path == "/e/x.sock"
+
+
+def _tamper() -> None:
+    """Point the cached socket elsewhere, keeping the key: only a trusted cache may say so."""
+    _cache().write_text(_cache().read_text().replace("/s/g.sock", "/evil.sock"))
+
+
+def _unsafe_owner() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown needs root")
+    os.chown(_cache(), 1000, 0)
+
+
+def _group_writable() -> None:
+    _cache().chmod(0o664)
+
+
+def _symlink() -> None:
+    real = _cache().with_name("real")
+    _cache().rename(real)
+    _cache().symlink_to(real)
+
+
+def _cut_short() -> None:
+    _cache().write_text(_cache().read_text().replace("end\n", ""))
+
+
+@pytest.mark.parametrize(("spoil", "trusted"), [
+    (lambda: None, True),  # the control: a root-owned, 0644 cache is believed
+    (_unsafe_owner, False),
+    (_group_writable, False),
+    (_symlink, False),
+    (_cut_short, False),
+])
+def test_only_a_trusted_complete_cache_is_believed(tmp_path: Path, spoil: Callable[[], None], trusted: bool
+                                                   ) -> None:
+    env = _config(tmp_path)
+    common.read_settings(env)
+    _tamper()
+    spoil()
+    assert common.read_settings(env).socket_path == ("/evil.sock" if trusted else "/s/g.sock")
+
+
+def test_a_value_with_a_tab_is_read_but_not_cached(tmp_path: Path) -> None:
+    env = _config(tmp_path, socket="/s/a\\tb.sock")  # a TOML escape: the value holds a real tab
+    s = common.read_settings(env)
+    assert (s.socket_path, s.error) == ("/s/a\tb.sock", None)
+    assert not _cache().exists()
+
+
+def test_only_root_writes_the_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert common.read_settings(_config(tmp_path)).socket_path == "/s/g.sock"
+    assert not _cache().exists()
+
+
+def test_a_cache_that_cannot_be_written_is_no_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setattr(common, "SETTINGS_CACHE", str(tmp_path / "a-file" / "hook-settings.cache"))
+    s = common.read_settings(_config(tmp_path))
+    assert (s.socket_path, s.error) == ("/s/g.sock", None)
 
 
 # --------------------------------------------------------------------------- environment

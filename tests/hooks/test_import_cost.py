@@ -17,11 +17,11 @@ HEAVY = ("sqlalchemy", "click", "jinja2", "alembic", "psycopg", "pynvml")
 AVOIDED = ("slurm_gpuarb.config", "slurm_gpuarb.protocol", "slurm_gpuarb.model", "dataclasses", "pathlib")
 
 
-def _python(code: str) -> subprocess.CompletedProcess[str]:
+def _python(code: str, **env_vars: str) -> subprocess.CompletedProcess[str]:
     """Run ``code`` in a fresh interpreter without site-packages (-S): an editable install's path
     finder imports modules (pathlib, …) at start-up that a root-owned install does not; and a hook
     that reached for a heavy library would fail here rather than pass unnoticed."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env_vars}
     return subprocess.run([sys.executable, "-S", "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
                           timeout=60)
 
@@ -42,8 +42,10 @@ def test_importing_a_hook_imports_nothing_heavy(module: str) -> None:
 # A whole Prolog and Epilog against a daemon (a tiny one in a thread of the same process).
 _RUN = r"""
 import json, os, socket, sys, tempfile, threading
-d = tempfile.mkdtemp(dir="/tmp")
+d = os.environ.get("RUN_DIR") or tempfile.mkdtemp(dir="/tmp")  # RUN_DIR: the same config and cache again
 sock_path = os.path.join(d, "s.sock")
+if os.path.exists(sock_path):
+    os.unlink(sock_path)
 srv = socket.socket(socket.AF_UNIX); srv.bind(sock_path); srv.listen(4)
 answers = {
     "job_start": {"v": 1, "ok": True, "op": "job_start", "lease": None, "grant": {
@@ -58,9 +60,12 @@ def serve():
         c.sendall(json.dumps(answers[req["op"]]).encode() + b"\n"); c.close()
 threading.Thread(target=serve, daemon=True).start()
 cfg = os.path.join(d, "g.toml")
-with open(cfg, "w") as f:
-    f.write(f'version = 1\n[daemon]\nsocket = "{sock_path}"\nstate_dir = "{d}/state"\nlog_file = "{d}/log"\n')
-os.chmod(cfg, 0o644)
+if not os.path.exists(cfg):
+    with open(cfg, "w") as f:
+        f.write(f'version = 1\n[daemon]\nsocket = "{sock_path}"\nstate_dir = "{d}/state"\nlog_file = "{d}/log"\n')
+    os.chmod(cfg, 0o644)
+from slurm_gpuarb.hooks import common
+common.SETTINGS_CACHE = os.path.join(d, "run", "hook-settings.cache")  # never the machine's /run/gpuarb
 env = {"GPUARB_CONFIG": cfg, "SLURM_JOB_ID": "12", "SLURMD_NODENAME": "n1", "SLURM_JOB_GPUS": "0",
        "SLURM_JOB_UID": str(os.getuid()), "SLURM_JOB_COMMENT": "gpuarb: vram=6GiB"}
 from slurm_gpuarb.hooks import HOOK_MODULE
@@ -68,6 +73,7 @@ assert HOOK_MODULE.main(env) == 0
 assert "granted" in open(f"{d}/log").read() or "released" in open(f"{d}/log").read()
 assert "slurm_gpuarb.wire" in sys.modules  # it did talk to the daemon
 print(*sorted(m for m in sys.modules if m.split(".")[0] in HEAVY or m in AVOIDED))
+print("tomllib" in sys.modules, file=sys.stderr)
 """
 
 
@@ -75,6 +81,18 @@ print(*sorted(m for m in sys.modules if m.split(".")[0] in HEAVY or m in AVOIDED
 def test_a_hook_run_with_the_daemon_stays_light(module: str) -> None:
     code = _RUN.replace("HOOK_MODULE", module).replace("HEAVY", repr(HEAVY)).replace("AVOIDED", repr(AVOIDED))
     assert _modules(code) == []
+
+
+def test_a_warm_settings_cache_spares_the_prolog_tomllib(short_dir: str) -> None:
+    # tomllib (typing, re, datetime) was the largest import left on the Prolog's path.
+    code = _RUN.replace("HOOK_MODULE", "prolog").replace("HEAVY", repr(HEAVY)).replace("AVOIDED", repr(AVOIDED))
+    seen = []
+    for _ in range(2):
+        proc = _python(code, RUN_DIR=short_dir)
+        assert proc.returncode == 0, proc.stderr
+        seen.append(proc.stderr.split())
+    assert seen == [["True"], ["False"]]  # the first run parsed and wrote the cache, the second read it
+    assert os.path.isfile(os.path.join(short_dir, "run", "hook-settings.cache"))
 
 
 def test_task_prolog_needs_not_even_the_protocol() -> None:
