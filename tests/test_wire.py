@@ -206,7 +206,9 @@ _NEVER = {"slurm_gpuarb.protocol", "slurm_gpuarb.model", "dataclasses", "typing"
 
 def _imports(stdlib: str, module: str) -> tuple[set[str], set[str]]:
     code = _NEW_MODULES.format(stdlib=stdlib, module=module)
-    proc = subprocess.run([sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
+    # -S: no site-packages, so an editable install's path finder (which imports __future__, pathlib,
+    # … at start-up) cannot hide or add modules: what is measured is the module's own imports.
+    proc = subprocess.run([sys.executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r}); {code}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     new, everything = proc.stdout.splitlines()
