@@ -27,7 +27,6 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import replace
 from typing import Any
 
 import sqlalchemy as sa
@@ -78,6 +77,14 @@ def _row(ts: float, plane: str, action: str, outcome: str, node: str | None, rea
     return {"ts": ts, "plane": plane, "action": action, "outcome": outcome, "node": node, "reason": reason,
             "lease_id": lease_id, "job_id": job_id, "restart_count": restart_count, "prio": prio,
             "requested_mib": requested_mib, "granted_mib": granted_mib, "inputs": inputs}
+
+
+def _with_id(decision: Decision, decision_id: int) -> Decision:
+    """``replace(decision, decision_id=…)`` without dataclasses.replace's per-call field walk: this runs
+    for every lease request, inside the ledger's write lock."""
+    copy: Decision = object.__new__(Decision)
+    copy.__dict__.update(decision.__dict__, decision_id=decision_id)
+    return copy
 
 
 def _int_input(inputs: Mapping[str, Any], key: str) -> int | None:
@@ -282,8 +289,7 @@ class Ledger:
                                          prio=le.prio, granted_mib=le.vram_mib, inputs=_dumps(decision.inputs)))
                         if len(rows) > 1:
                             cur.executemany(sql.insert_decision, rows[:-1])
-                        cur.execute(sql.insert_decision_id, rows[-1])
-                        return replace(decision, decision_id=int(cur.fetchone()[0])), le
+                        return _with_id(decision, self._insert_decision_id(cur, rows[-1])), le
 
             decision = decide(live)
             lease: Lease | None = None
@@ -302,9 +308,16 @@ class Ledger:
                              granted_mib=decision.granted_mib if lease else None, inputs=_dumps(inputs)))
             if len(rows) > 1:
                 cur.executemany(sql.insert_decision, rows[:-1])
-            cur.execute(sql.insert_decision_id, rows[-1])
-            decision_id = int(cur.fetchone()[0])
-        return replace(decision, decision_id=decision_id), lease
+            decision_id = self._insert_decision_id(cur, rows[-1])
+        return _with_id(decision, decision_id), lease
+
+    def _insert_decision_id(self, cur: Any, row: Mapping[str, Any]) -> int:
+        """Append the request's decision row and return its id (``gpuarb explain D<id>``)."""
+        if self._pg:
+            cur.execute(self._sql.insert_decision_id, row)
+            return int(cur.fetchone()[0])
+        cur.execute(self._sql.insert_decision, row)  # sqlite3 knows the new rowid without RETURNING
+        return int(cur.lastrowid)
 
     def _revoke_for(self, cur: Any, lease: Lease, decision: Decision, live: Sequence[Lease],
                     plane: str) -> list[dict[str, Any]]:
