@@ -74,7 +74,10 @@ def raw_exchange(path: Path, data: bytes, timeout: float = 5.0) -> bytes:
 # --------------------------------------------------------------------------- in a thread
 
 
-def test_serves_the_protocol_with_files_in_place(daemon: Daemon, dcfg: Config) -> None:
+def test_serves_the_protocol_with_files_in_place(daemon: Daemon, dcfg: Config, slurm: FakeSlurm) -> None:
+    # Slurm lists a job whose Prolog runs (as it does for real): the daemon's start-up reconcile, in its
+    # own thread and possibly late on a slow machine, must find job 12 running, not expire its lease.
+    slurm.add(job("12"))
     path = daemon.socket_path
     assert call(daemon, PING)["version"]
     assert oct(path.stat().st_mode & 0o777) == "0o666" and oct(path.parent.stat().st_mode & 0o777) == "0o755"
