@@ -33,39 +33,10 @@ if TYPE_CHECKING:
 
 __all__ = ["DaemonUnavailable", "call"]
 
-_CHUNK = 65536
 
 
 class DaemonUnavailable(GpuArbError):
     """gpuarbd did not answer: no socket, connection refused, timed out, or an answer that is not one."""
-
-
-class _Reader:
-    """``readline(size)`` over a socket, never blocking past ``deadline`` in total (not per ``recv``:
-    a daemon that trickles one byte at a time must not stretch the hook's deadline)."""
-
-    __slots__ = ("buf", "deadline", "sock")
-
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
-        self.sock = sock
-        self.deadline = deadline
-        self.buf = b""
-
-    def readline(self, size: int = -1, /) -> bytes:
-        while b"\n" not in self.buf and (size < 0 or len(self.buf) < size):
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("timed out waiting for the answer")
-            self.sock.settimeout(left)
-            chunk = self.sock.recv(_CHUNK)
-            if not chunk:
-                break
-            self.buf += chunk
-        end = self.buf.find(b"\n") + 1 or len(self.buf)
-        if size >= 0:
-            end = min(end, size)
-        line, self.buf = self.buf[:end], self.buf[end:]
-        return line
 
 
 def call(socket_path: str, msg: Mapping[str, Any], *, timeout: float) -> dict[str, Any]:
@@ -90,7 +61,7 @@ def call(socket_path: str, msg: Mapping[str, Any], *, timeout: float) -> dict[st
             sock.connect(socket_path)
             sock.settimeout(max(deadline - time.monotonic(), 0.001))
             sock.sendall(line)
-            raw = wire.read_line(_Reader(sock, deadline), wire.MAX_RESPONSE_BYTES)
+            raw = wire.read_line(wire.SocketLineReader(sock, deadline, what="the answer"), wire.MAX_RESPONSE_BYTES)
         except FileNotFoundError as e:
             raise DaemonUnavailable(f"{where} is not running (no socket); start gpuarbd or check "
                                     "[daemon] socket in gpuarb.toml") from e

@@ -30,6 +30,7 @@ from slurm_gpuarb.errors import GpuArbError, PermissionDeniedError, ProtocolErro
 # Only for the type checker: typing costs a hook more than the JSON it exchanges.
 TYPE_CHECKING = False
 if TYPE_CHECKING:
+    import socket
     from collections.abc import Mapping
     from typing import Any, Final, NoReturn, Protocol
 
@@ -71,6 +72,38 @@ def encode(msg: Mapping[str, Any]) -> bytes:
     if len(line) > limit:
         raise ProtocolError(f"the encoded message is {len(line)} bytes, over the {limit}-byte limit; ask for less")
     return line
+
+
+class SocketLineReader:
+    """``readline(size)`` over a socket that never blocks past ``deadline`` (a ``time.monotonic()``
+    value) in total, not per ``recv``: a peer that trickles one byte at a time cannot stretch a hook's
+    deadline nor pin a daemon thread. The daemon moves ``deadline`` forward for each request line."""
+
+    __slots__ = ("buf", "deadline", "sock", "what")
+
+    def __init__(self, sock: socket.socket, deadline: float = 0.0, *, what: str = "a complete line") -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.what = what
+        self.buf = b""
+
+    def readline(self, size: int = -1, /) -> bytes:
+        import time  # only readers need it: importing wire alone stays at json + errors
+
+        while b"\n" not in self.buf and (size < 0 or len(self.buf) < size):
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"timed out waiting for {self.what}")
+            self.sock.settimeout(left)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                break
+            self.buf += chunk
+        end = self.buf.find(b"\n") + 1 or len(self.buf)
+        if size >= 0:
+            end = min(end, size)
+        line, self.buf = self.buf[:end], self.buf[end:]
+        return line
 
 
 def read_line(stream: LineReader, limit: int = MAX_MESSAGE_BYTES) -> bytes:

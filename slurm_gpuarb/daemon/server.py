@@ -50,7 +50,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, Final
 
-from .. import logsink, protocol
+from .. import logsink, protocol, wire
 from ..config import Config, load
 from ..errors import ConfigError, GpuArbError, ProtocolError
 from .handlers import Handlers, Peer
@@ -83,33 +83,6 @@ def peer_gone(sock: socket.socket) -> bool:
     return any(ev & select.POLLHUP for _, ev in poller.poll(0))
 
 
-class _LineReader:
-    """``readline(limit)`` on a socket with one deadline for the whole line (a client sending a byte
-    every few seconds cannot keep a thread forever)."""
-
-    def __init__(self, sock: socket.socket, timeout: float) -> None:
-        self.sock = sock
-        self.timeout = timeout
-        self.buf = b""
-        self.deadline = 0.0
-
-    def readline(self, size: int = -1, /) -> bytes:
-        while b"\n" not in self.buf and (size < 0 or len(self.buf) < size):
-            left = self.deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError("no complete request line in time")
-            self.sock.settimeout(left)
-            chunk = self.sock.recv(65536)
-            if not chunk:
-                break
-            self.buf += chunk
-        end = self.buf.find(b"\n") + 1 or len(self.buf)
-        if size >= 0:
-            end = min(end, size)
-        line, self.buf = self.buf[:end], self.buf[end:]
-        return line
-
-
 class _Connection(socketserver.BaseRequestHandler):
     server: _Server
 
@@ -120,7 +93,7 @@ class _Connection(socketserver.BaseRequestHandler):
             peer = peer_credentials(sock)
         except OSError:
             return
-        reader = _LineReader(sock, srv.conn_timeout)
+        reader = wire.SocketLineReader(sock, what="a complete request line")
         while not srv.stopping.is_set():
             reader.deadline = time.monotonic() + srv.conn_timeout
             try:
