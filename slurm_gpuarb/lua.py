@@ -28,8 +28,10 @@ Decisions, written down once:
   of the partition. ``share=`` does not change the mapping (it steers the run plane).
   ``vram`` above one GPU's usable memory is refused in every mode (shards: above what the
   largest GPU's shards hold).
-* The job may not ask for GPUs itself as well (``--gres``/``--gpus*`` naming gpu, shard or mps);
-  other GRES it asks for (``--gres=nvme:1``) stays, and the lease's GRES is added to it.
+* The job may not ask for GPUs itself as well (``--gpus*`` naming gpu, shard or mps), except a
+  ``--gres`` that asks for exactly what the lease maps to (``--gres=gpu:1`` beside a spec that
+  takes one whole GPU; a GPU type may narrow it): that is asking once, not twice. Other GRES it
+  asks for (``--gres=nvme:1``) stays, and the lease's GRES is added to it.
 * A refusal answers ``ESLURM_ACCESS_DENIED`` with ``slurm.log_user("gpuarb: invalid lease spec in
   --comment: <the parser's message>")``.
 * QoS is set only when rendered with ``use_qos`` (a site with slurmdbd); a different ``--qos``
@@ -39,8 +41,9 @@ Decisions, written down once:
   canonical comment is re-validated; its ``shards=`` must be what job_submit computes.
 * ``slurm_job_modify`` (an owner may update a pending job): a new comment must hold a valid spec
   that maps to the same GRES (and QoS) as the job's canonical one, and is rewritten canonical; a
-  lease spec cannot be dropped from, or added to, a comment; ``--gres``/``tres_per_node`` may only
-  ask for at most the canonical ``shards=``; no other GPU GRES may be set; a lease job cannot
+  lease spec cannot be dropped from, or added to, a comment; ``--gres``/``tres_per_node`` may not
+  change the canonical ``shards=`` (more would grow the job; fewer would leave its lease, sized
+  from the comment, larger than its GRES); no other GPU GRES may be set; a lease job cannot
   move partition. The privileged uids (root; the controller agent) may change GRES and
   partition; their comments are only validated. Slurm does not show the user ``log_user`` text
   from here, so the reason is logged (``slurm.log_info``).
@@ -356,13 +359,58 @@ def _asks_for_gpus(value: str, *, any_value: bool) -> bool:
     return any_value or any(c in GPU_GRES for c in re.split(r"[,:/]", value))
 
 
+def _agreeing_fields(cli: bool) -> tuple[str, ...]:
+    """The fields whose GPU GRES may repeat the lease's: --gres (and, in job_submit, its alias
+    tres_per_node, which --gpus-per-node also sets). cli_filter sees --gpus-per-node as a bare count."""
+    return ("gres",) if cli else ("gres", "tres_per_node")
+
+
 def _check_no_gpus(job: JobRequest, *, cli: bool) -> None:
+    agreeing = _agreeing_fields(cli)
     for name, flag in GPU_FIELDS:
         value = getattr(job, name)
         # cli_filter sees --gpus* as bare counts ("2"): any value asks for GPUs.
-        if value and _asks_for_gpus(value, any_value=cli and name != "gres"):
+        if value and name not in agreeing and _asks_for_gpus(value, any_value=cli and name != "gres"):
             raise LeaseSpecError(f"the job asks for GPUs itself ({flag} {spec.quote(value)}) and through its lease"
                                  f" spec; drop {flag}: job_submit sets the GRES from the spec")
+
+
+def _gres_item(item: str) -> tuple[str, tuple[str, ...], int]:
+    """``(name, types, count)`` of one GRES item (``gres:gpu:h100:2`` → ``("gpu", ("h100",), 2)``); a
+    count too long to read is :data:`_HUGE`, so it agrees with no lease."""
+    comps = [c for c in re.sub(r"^gres[:/]", "", item).split(":") if c]
+    if not comps:
+        return "", (), 1
+    if len(comps) > 1 and re.fullmatch(r"[0-9]+", comps[-1]):
+        last = comps[-1]
+        return comps[0], tuple(comps[1:-1]), int(last) if len(last) <= 9 else _HUGE
+    return comps[0], tuple(comps[1:]), 1
+
+
+def _lease_gres(job: JobRequest, choice: GresChoice, *, cli: bool) -> str:
+    """The job's GRES with the lease's. GRES that is no GPU stays. A ``--gres`` GPU item is accepted
+    when it asks for what the lease maps to (same GRES and count; a type may narrow an untyped
+    lease GRES, ``gpu:h100:1`` for ``gpu:1``): asking twice for the same thing is asking once, and
+    scripts that already pass ``--gres=gpu:1`` keep working. Anything else is refused."""
+    want_name, want_types, want_count = _gres_item(choice.gres)
+    agreed: str | None = None
+    for name, flag in GPU_FIELDS:
+        value = getattr(job, name)
+        if name not in _agreeing_fields(cli) or not value:
+            continue
+        gpu_items = [i for i in value.split(",") if i and _asks_for_gpus(i, any_value=False)]
+        if not gpu_items:
+            continue
+        got_name, got_types, got_count = _gres_item(gpu_items[0])
+        if (len(gpu_items) > 1 or got_name != want_name or got_count != want_count
+                or not (got_types == want_types or (not want_types and len(got_types) == 1))):
+            raise LeaseSpecError(f"the job asks for GPUs itself ({flag} {spec.quote(value)}) and through its lease"
+                                 f" spec, which takes {choice.gres} in {choice.partition.label}; drop {flag}:"
+                                 " job_submit sets the GRES from the spec")
+        agreed = ":".join(("gres", got_name, *got_types, str(got_count)))
+    base = job.tres_per_node or job.gres
+    items = [i for i in base.split(",") if i and not _asks_for_gpus(i, any_value=False)] if base else []
+    return ",".join([*items, agreed or choice.gres])
 
 
 def _marker_start(comment: str) -> int:
@@ -400,13 +448,11 @@ def decide_submit(t: SubmitTables, job: JobRequest, *, cli: bool = False) -> Sub
             raise LeaseSpecError(f"--qos {spec.quote(job.qos)} does not match prio={cls} (QoS {qos}); drop --qos:"
                                  " the lease's class sets it")
         canonical = _canonical(lease, choice)
+        gres = _lease_gres(job, choice, cli=cli)
     except LeaseSpecError as e:
         return SubmitResult(False, USER_PREFIX + str(e))
     assert job.comment is not None
     comment = job.comment[: _marker_start(job.comment)] + spec.format_spec(canonical)
-    # GRES the job asked for that is no GPU (checked above) stays: the lease's GRES is added to it.
-    base = job.tres_per_node or job.gres
-    gres = f"{base},{choice.gres}" if base else choice.gres
     return SubmitResult(True, comment=comment, tres_per_node=gres, qos=qos, partition=choice.set_partition)
 
 
@@ -509,6 +555,13 @@ def decide_modify(t: SubmitTables, req: ModifyRequest) -> ModifyResult:
                 return ModifyResult(False, f"{flag} {spec.quote(value)} asks for {shards} shards, more than the"
                                            f" {old.shards or 0} its lease spec was given; only root or the controller"
                                            " agent may grow a job")
+            if 0 < shards < (old.shards or 0):
+                # The Prolog sizes the lease from the comment's shards=: fewer shards under the same
+                # comment would export a budget larger than the job holds.
+                return ModifyResult(False, f"{flag} {spec.quote(value)} asks for {shards} shards, fewer than the"
+                                           f" {old.shards} its lease spec was given, which would leave its lease"
+                                           " larger than its GRES; only root or the controller agent may shrink a"
+                                           " job (it rewrites the comment too); cancel and resubmit instead")
     return ModifyResult(True, comment=new_comment)
 
 

@@ -421,11 +421,11 @@ def test_mig_profiles_are_smallest_first_with_their_least_memory(tmp_path: Path)
     assert lua.map_lease(t, _parse("gpuarb: mig=any")).gres == "gres:gpu:1g.10gb:1"
 
 
-def test_privileged_uids_may_grow_shards() -> None:
+def test_only_privileged_uids_may_change_shards() -> None:
     t = _tables("lab")
     canonical = "gpuarb/1: vram=6144MiB shards=12"
-    grow = lua.ModifyRequest(1000, canonical, "shard", tres_per_node="gres:shard:20")
-    assert not lua.decide_modify(t, grow).allowed
-    assert lua.decide_modify(t, lua.ModifyRequest(0, canonical, "shard", tres_per_node="gres:shard:20")).allowed
-    shrink = lua.ModifyRequest(1000, canonical, "shard", gres="shard:8")
-    assert lua.decide_modify(t, shrink).allowed
+    for count in (20, 8):
+        change = lua.ModifyRequest(1000, canonical, "shard", tres_per_node=f"gres:shard:{count}")
+        assert not lua.decide_modify(t, change).allowed
+        assert lua.decide_modify(t, lua.ModifyRequest(0, canonical, "shard", tres_per_node=f"gres:shard:{count}")).allowed
+    assert lua.decide_modify(t, lua.ModifyRequest(1000, canonical, "shard", gres="shard:12")).allowed

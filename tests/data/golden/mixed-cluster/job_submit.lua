@@ -786,6 +786,70 @@ local function asks_for_gpus(value, any_value)
   return false
 end
 
+-- The fields whose GPU GRES may repeat the lease's (lua.py _agreeing_fields).
+local function agreeing(name, cli)
+  return name == "gres" or (not cli and name == "tres_per_node")
+end
+
+-- name, types, count of one GRES item (lua.py _gres_item).
+local function gres_item(item)
+  local comps = {}
+  for c in gmatch(gsub(item, "^gres[:/]", ""), "[^:]+") do comps[#comps + 1] = c end
+  if #comps == 0 then return "", {}, 1 end
+  local last, types, upto, count = comps[#comps], {}, #comps, 1
+  if #comps > 1 and not find(last, "[^0-9]") then
+    upto = #comps - 1
+    if #last <= 9 then count = tonumber(last) else count = 1e9 end
+  end
+  for k = 2, upto do types[#types + 1] = comps[k] end
+  return comps[1], types, count
+end
+
+local function same_types(a, b)
+  if #a ~= #b then return false end
+  for k = 1, #a do
+    if a[k] ~= b[k] then return false end
+  end
+  return true
+end
+
+-- The job's GRES with the lease's (lua.py _lease_gres): other GRES stays; a --gres GPU item must
+-- ask for exactly what the lease maps to (a type may narrow an untyped lease GRES).
+local function lease_gres(job, choice, cli)
+  local want_name, want_types, want_count = gres_item(choice.gres)
+  local agreed
+  for _, f in ipairs(S.gpu_fields) do
+    local value = job[f[1]]
+    if value and agreeing(f[1], cli) then
+      local items = {}
+      for item in gmatch(value, "[^,]+") do
+        if asks_for_gpus(item, false) then items[#items + 1] = item end
+      end
+      if #items > 0 then
+        local name, types, count = gres_item(items[1])
+        if #items > 1 or name ~= want_name or count ~= want_count or
+            not (same_types(types, want_types) or (#want_types == 0 and #types == 1)) then
+          fail("the job asks for GPUs itself (" .. f[2] .. " " .. quote(value) .. ") and through its lease spec," ..
+            " which takes " .. choice.gres .. " in " .. choice.part.label .. "; drop " .. f[2] .. ": job_submit" ..
+            " sets the GRES from the spec")
+        end
+        local parts = { "gres", name }
+        for _, t in ipairs(types) do parts[#parts + 1] = t end
+        parts[#parts + 1] = format("%d", count)
+        agreed = concat(parts, ":")
+      end
+    end
+  end
+  local out, base = {}, job.tres_per_node or job.gres
+  if base then
+    for item in gmatch(base, "[^,]+") do
+      if not asks_for_gpus(item, false) then out[#out + 1] = item end
+    end
+  end
+  out[#out + 1] = agreed or choice.gres
+  return concat(out, ",")
+end
+
 -- decide(job, cli): nil for a comment without a lease, else what to set. Raises SpecError.
 -- cli: the job's fields come from cli_filter options, where --gpus* are bare counts.
 local function decide(job, cli)
@@ -794,7 +858,7 @@ local function decide(job, cli)
   check_class(lease)
   for _, f in ipairs(S.gpu_fields) do
     local value = job[f[1]]
-    if value and asks_for_gpus(value, cli and f[1] ~= "gres") then
+    if value and not agreeing(f[1], cli) and asks_for_gpus(value, cli and f[1] ~= "gres") then
       fail("the job asks for GPUs itself (" .. f[2] .. " " .. quote(value) .. ") and through its lease spec; drop " ..
         f[2] .. ": job_submit sets the GRES from the spec")
     end
@@ -809,9 +873,7 @@ local function decide(job, cli)
   end
   set_shards(lease, choice)
   local canonical = format_spec(lease)
-  -- GRES the job asked for that is no GPU (checked above) stays: the lease's GRES is added to it.
-  local base, gres = job.tres_per_node or job.gres, choice.gres
-  if base then gres = base .. "," .. gres end
+  local gres = lease_gres(job, choice, cli)
   return { gres = gres, lease_gres = choice.gres, qos = qos, partition = choice.set_partition, spec = canonical,
     comment = prefix .. canonical }
 end
@@ -934,6 +996,10 @@ local function modify(job_desc, job_rec, uid)
         elseif shards > (old.shards or 0) then
           return { reason = format("%s %s asks for %d shards, more than the %d its lease spec was given; only root" ..
             " or the controller agent may grow a job", f[2], quote(value), shards, old.shards or 0) }
+        elseif shards > 0 and shards < (old.shards or 0) then
+          return { reason = format("%s %s asks for %d shards, fewer than the %d its lease spec was given, which" ..
+            " would leave its lease larger than its GRES; only root or the controller agent may shrink a job (it" ..
+            " rewrites the comment too); cancel and resubmit instead", f[2], quote(value), shards, old.shards) }
         end
       end
     end
