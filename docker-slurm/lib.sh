@@ -28,6 +28,32 @@ alive() {
   [ -z "${2:-}" ] || [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = "$2" ]
 }
 
+# stop COMM PIDFILE...: SIGTERM each live pid (checked to be COMM: a pid file can outlive its
+# process and the pid be reused), wait, SIGKILL what is left, remove the pid files.
+stop() {
+  local comm=$1; shift
+  local f pid pids=() files=()
+  for f in "$@"; do
+    [ -e "$f" ] || continue
+    # SIGCONT too: a stopped process (a test froze gpuarbd) handles SIGTERM only once it runs.
+    if alive "$f" "$comm"; then pid=$(cat "$f"); kill "$pid"; kill -CONT "$pid" 2>/dev/null || true
+      pids+=("$pid"); files+=("$f"); else rm -f "$f"; fi
+  done
+  [ ${#pids[@]} -gt 0 ] || return 0
+  local deadline=$(( $(date +%s) + ${STOP_TIMEOUT:-15} )) i
+  while :; do
+    local left=()
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left+=("$pid"); done
+    [ ${#left[@]} -eq 0 ] && break
+    if [ "$(date +%s)" -ge "$deadline" ]; then
+      for pid in "${left[@]}"; do echo "${LOG_TAG:-cluster}: $comm $pid ignored SIGTERM for ${STOP_TIMEOUT:-15}s: SIGKILL" >&2; kill -9 "$pid" 2>/dev/null || true; done
+      break
+    fi
+    sleep 0.1
+  done
+  for i in "${!pids[@]}"; do rm -f "${files[$i]}"; ts "stopped $comm ${pids[$i]} ($(basename "${files[$i]}"))"; done
+}
+
 # make_dirs: the state directory tree (root-owned; out/ is for job output of any user).
 make_dirs() {
   install -d -m 0755 "$D" "$D"/{etc,run,log,spool,spool/ctld,spool/d,dev,state,state/run,fake,hooks}
@@ -80,9 +106,11 @@ render_configs() {
   local args=(--out "$etc/rendered" --dev-dir "$D/dev/{node}"
               --templates "$REPO/templates" --node-hostname "$node_host" --node-addr "$node_addr" --port-base 17001)
   [ "$hooks" = 1 ] && args+=(--hooks-dir "$D/hooks")
-  # job_submit.lua / cli_filter.lua: GPUARB_CLUSTER_LUA=1 renders and loads them. Off by default
-  # until the submit plane is proven on this cluster; the run plane's tests submit plain GRES.
-  if [ "${GPUARB_CLUSTER_LUA:-0}" = 1 ]; then args+=(--lua); else args+=(--no-lua); fi
+  # job_submit.lua / cli_filter.lua: rendered and loaded unless GPUARB_CLUSTER_LUA=0 (a cluster
+  # without the submit plane: the run plane alone, as at a site that has not installed them).
+  if [ "${GPUARB_CLUSTER_LUA:-1}" = 1 ]; then args+=(--lua); else args+=(--no-lua); fi
+  # The same options check the installed files later: gpuarb render --check $(< render.args), NUL-separated.
+  printf '%s\0' "${args[@]}" > "$etc/render.args"
   # `gpuarb render` once the CLI has it with these options; its library twin until then.
   # (--config is an option of the command group: it goes before `render`.)
   if "$gpuarb" render --help 2>/dev/null | grep -q -- '--port-base'; then

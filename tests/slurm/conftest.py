@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from slurm_gpuarb.model import GpuProcess
+from slurm_gpuarb.slurm import JobInfo, select_adapter
 from slurm_gpuarb.telemetry import fake
 
 REPO = Path(__file__).resolve().parents[2]
@@ -275,6 +276,47 @@ class Cluster:
     def resume(self, node: str) -> None:
         self.run("scontrol", "update", f"NodeName={node}", "State=RESUME", check=False)
 
+    def slurm_job(self, job_id: str) -> JobInfo:
+        """The job as Slurm holds it (``squeue --json`` through the project's own adapter)."""
+        found = [j for j in select_adapter("cli").jobs([job_id]) if j.job_id == job_id]
+        if len(found) != 1:
+            raise ClusterError(f"squeue --json lists job {job_id} {len(found)} times")
+        return found[0]
+
+    # ------------------------------------------------------------------ submit plane
+
+    @property
+    def job_submit_lua(self) -> Path:
+        return self.dir / "etc" / "job_submit.lua"
+
+    def slurmctld_log(self) -> str:
+        return (self.dir / "log" / "slurmctld.log").read_text(encoding="utf-8", errors="replace")
+
+    @contextlib.contextmanager
+    def without_submit_plane(self) -> Iterator[None]:
+        """A site without the submit plane: job_submit.lua passes everything through while the block
+        runs (the run plane's own defences are tested so). slurmctld re-reads the script when its
+        mtime is newer than the last load (whole seconds), so each swap is dated ahead."""
+        original = self.job_submit_lua.read_bytes()
+        passthrough = (b"-- gpuarb test cluster: the submit plane is switched off for a test\n"
+                       b"function slurm_job_submit(job_desc, part_list, submit_uid) return slurm.SUCCESS end\n"
+                       b"function slurm_job_modify(job_desc, job_rec, part_list, modify_uid)\n"
+                       b"  return slurm.SUCCESS\nend\n")
+        self._swap_lua(passthrough)
+        try:
+            yield
+        finally:
+            self._swap_lua(original)
+
+    def _swap_lua(self, content: bytes) -> None:
+        path = self.job_submit_lua
+        tmp = path.with_name(path.name + ".swap")
+        tmp.write_bytes(content)
+        tmp.chmod(0o644)
+        stamp = max(time.time(), path.stat().st_mtime) + 2
+        os.utime(tmp, (stamp, stamp))
+        tmp.replace(path)
+
     # ------------------------------------------------------------------ fake GPUs
 
     def add_process(self, node: str, process: GpuProcess) -> None:
@@ -358,9 +400,7 @@ def native_up(d: Path, **extra: str) -> None:
         "GPUARB_CLUSTER_DIR": str(d),
         "GPUARB_CLUSTER_HOOKS": os.environ.get("GPUARB_CLUSTER_HOOKS", "1"),
         "GPUARB_CLUSTER_DAEMON": os.environ.get("GPUARB_CLUSTER_DAEMON", "1"),
-        # The run plane's acceptance submits plain GRES (--gres=gpu:1 beside a lease spec); the submit
-        # plane's job_submit.lua would rewrite (or refuse) those jobs. Its own tests turn it on.
-        "GPUARB_CLUSTER_LUA": os.environ.get("GPUARB_CLUSTER_LUA", "0"),
+        "GPUARB_CLUSTER_LUA": "1",  # the submit plane: tests that need it off use without_submit_plane()
         "WITH_DBD": "0",
         **extra,
     })
