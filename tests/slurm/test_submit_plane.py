@@ -199,3 +199,25 @@ def test_render_check_finds_a_raised_reservation_and_a_rerender_fixes_it(cluster
         native_up(cluster.dir, RESTART="1")
     assert _node_shards(cluster, "n2") == before
     cluster.assert_nodes_healthy()
+
+
+def _gres_lines(text: str, pattern: str) -> list[dict[str, str]]:
+    return [dict(re.findall(r"(\w+)=(\S+)", ln)) for ln in text.splitlines() if re.match(pattern, ln)]
+
+
+@pytest.mark.parametrize("node", ["n1", "n2", "n3"])
+def test_slurmd_reads_the_rendered_gres_conf(cluster: Cluster, node: str) -> None:
+    """``slurmd -N X -G`` (slurmd parses gres.conf and prints what it found) lists each rendered line."""
+    rendered = _gres_lines((cluster.dir / "etc" / "rendered" / "gres.conf").read_text(), rf"NodeName={node}\s")
+    assert rendered
+    p = cluster.run("slurmd", "-N", node, "-G")
+    seen = {(g["Name"], g["Count"], g["File"], g["Type"]) for g in _gres_lines(p.stdout + p.stderr, r"slurmd: Gres ")}
+    for line in rendered:
+        files = line.get("File") or line["MultipleFiles"]
+        # Shards and MPS take their GPU's type (slurm.conf's Gres=); a rendered type must be the one read.
+        want = {(n, c, f, t) for n, c, f, t in seen if (n, c, f) == (line["Name"], line.get("Count", "1"), files)}
+        assert want, f"slurmd -N {node} -G does not list {line}: {sorted(seen)}"
+        if "Type" in line:
+            assert {t for *_, t in want} == {line["Type"]}, (line, want)
+    gpus = sum(int(c) for n, c, _, _ in seen if n == "gpu")
+    assert gpus == sum(int(ln.get("Count", "1")) for ln in rendered if ln["Name"] == "gpu")
