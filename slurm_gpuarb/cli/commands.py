@@ -8,9 +8,9 @@ from typing import Any
 
 import click
 
-from .. import protocol
+from .. import engines, protocol
 from ..config import Config, load
-from ..model import Decision, Lease, LeaseState, Outcome
+from ..model import Decision, Lease, LeaseSpec, LeaseState, Outcome, Share
 from ..units import human_size
 from . import EXIT_DENIED, EXIT_WAIT, GpuArbGroup
 
@@ -120,30 +120,93 @@ def lease_check(obj: Ctx, spec: str, as_json: bool) -> None:
 @click.option("--restart-count", type=click.IntRange(0), default=0, show_default=True,
               help="The job's SLURM_JOB_RESTART_COUNT.")
 @click.option("--pid", type=click.IntRange(1), help="Process that will use the memory (attributes its usage).")
+@click.option("--engine", type=click.Choice(engines.ENGINES), default=None,
+              help="Print this serving engine's knobs for the grant (default: the spec's engine=).")
+@click.option("--kv-cache", "kv_cache", metavar="SIZE", default=None,
+              help="vLLM only: also size its KV cache alone (--kv-cache-memory-bytes); must fit the grant.")
 @json_option
 @pass_ctx
 def lease_request(obj: Ctx, spec: str, gpu: int | None, job_id: str | None, restart_count: int,
-                  pid: int | None, as_json: bool) -> None:
+                  pid: int | None, engine: str | None, kv_cache: str | None, as_json: bool) -> None:
     """Ask for a lease on this node. Exit 0 when granted or degraded, 3 when it
     must wait, 4 when it can never fit here; the reason is printed either way.
+
+    With --engine (or engine= in the spec) a grant also prints the knobs that keep
+    that engine inside it: vLLM's --gpu-memory-utilization (grant / total, rounded
+    down; vLLM will not start unless that much of the GPU is free), Ollama's
+    OLLAMA_GPU_OVERHEAD and OLLAMA_MAX_LOADED_MODELS, TF Serving's
+    --per_process_gpu_memory_fraction, PyTorch's memory fraction; share=mps adds
+    the class's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE and CUDA_MPS_PINNED_DEVICE_MEM_LIMIT.
 
     \b
     Example:
       gpuarb lease request 'gpuarb: vram=4GiB prio=batch min=3GiB'
+      gpuarb lease request 'gpuarb: vram=6GiB prio=llm' --engine tf
     """
     import os
 
+    parsed, engine, kv_mib = _engine_options(spec, engine, kv_cache)
     with obj.service() as svc:
         decision, new = svc.request(spec, gpu=gpu, job_id=job_id, restart_count=restart_count, pid=pid,
                                     owner_uid=os.getuid(), plane="cli")
+        knobs = None
+        if new is not None and (engine is not None or (parsed is not None and parsed.share is Share.MPS)):
+            knobs = engines.knobs_for_lease(new, svc.telemetry.gpus(), obj.cfg.policy.classes, engine=engine,
+                                            share_mps=parsed is not None and parsed.share is Share.MPS,
+                                            kv_cache_mib=kv_mib)
     if as_json:
-        _emit_json(protocol.decision_to_json(decision, new))
+        out = protocol.decision_to_json(decision, new)
+        if knobs is not None:
+            out["knobs"] = knobs.to_json()
+        _emit_json(out)
     else:
         click.echo(_decision_line(decision, new))
+        if knobs is not None:
+            click.echo(_knobs_text(knobs))
     if decision.outcome is Outcome.WAIT:
         raise click.exceptions.Exit(EXIT_WAIT)
     if decision.outcome is Outcome.DENY:
         raise click.exceptions.Exit(EXIT_DENIED)
+
+
+def _engine_options(spec: str, engine: str | None, kv_cache: str | None) -> tuple[LeaseSpec | None, str | None,
+                                                                                  int | None]:
+    """The spec (when it parses: the request reports a bad one), the engine whose knobs to print, the KV cache."""
+    from .. import spec as specmod
+    from ..errors import LeaseSpecError
+    from ..units import UnitError, parse_size_mib
+
+    try:
+        parsed = specmod.parse(spec)
+    except LeaseSpecError:
+        parsed = None
+    named = parsed.engine.value if parsed is not None and parsed.engine is not None else None
+    if engine is not None and named is not None and engine != named:
+        raise click.UsageError(f"--engine {engine} disagrees with the spec's engine={named}; give one of them")
+    engine = engine or named
+    kv_mib = None
+    if kv_cache is not None:
+        if engine != "vllm":
+            raise click.UsageError("--kv-cache sizes vLLM's KV cache: add --engine vllm (or engine=vllm to the spec)")
+        try:
+            kv_mib = parse_size_mib(kv_cache)
+        except UnitError as e:
+            raise click.BadParameter(str(e), param_hint="--kv-cache") from e
+    return parsed, engine, kv_mib
+
+
+_FLAG_LABEL = {"vllm": "vllm serve flags", "tf": "tensorflow_model_server flags"}
+
+
+def _knobs_text(knobs: engines.Knobs) -> str:
+    import shlex
+
+    lines = [f"engine {knobs.engine}:" if knobs.engine else "share=mps:"]
+    lines += [f"  export {k}={shlex.quote(v)}" for k, v in knobs.exports.items()]
+    if knobs.flags:
+        lines.append(f"  {_FLAG_LABEL.get(knobs.engine or '', 'flags')}: {knobs.flags}")
+    lines += [f"  note: {n}" for n in knobs.notes]
+    return "\n".join(lines)
 
 
 def _decision_line(decision: Decision, new: Lease | None) -> str:

@@ -29,6 +29,15 @@ partition is a shard partition; else its GPU's own mode decides (a ``whole`` par
 GPU takes the GPU whole, as Slurm's ``gres/gpu`` hands it out). A spec's ``ttl``/``wait`` do not
 apply under Slurm: the job's time limit bounds the lease, the Epilog releases it and the daemon's
 reconcile expires it if the Epilog never ran.
+
+**The grant's exports** (:func:`make_grant`): ``GPUARB_VRAM_MB``, ``GPUARB_LEASE_ID``,
+``GPUARB_PRIO``; a MIG instance's UUID as ``CUDA_VISIBLE_DEVICES``; the knobs of the spec's
+``engine=`` (:mod:`slurm_gpuarb.engines`, against the GPU's total and driver reserve); and for a
+``share=mps`` lease ``GPUARB_SHARE=mps``, the class's ``CUDA_MPS_ACTIVE_THREAD_PERCENTAGE`` (when
+its policy has ``mps_thread_percent``) and, for a lease on one GPU, that GPU's UUID
+(``GPUARB_MPS_DEVICE``) and ``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT``: the Prolog starts the MPS control
+daemon for it (:mod:`slurm_gpuarb.mps`) and keeps the limit only when a server runs. The Prolog's
+in-process fallback builds the same grant: it runs these same functions.
 """
 
 from __future__ import annotations
@@ -38,10 +47,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Final
 
-from .. import skus
+from .. import engines, skus
 from ..config import Config, NodeConfig, node_config, reservations_for
 from ..errors import NodeFault, ProtocolError, RenderError
-from ..model import Decision, Engine, GpuInfo, Lease, LeaseSpec, Vram
+from ..model import Decision, Engine, GpuInfo, Lease, LeaseSpec, Share, Vram
 from ..protocol import Grant
 
 __all__ = [
@@ -51,6 +60,7 @@ __all__ = [
     "fraction",
     "gres_slots",
     "make_grant",
+    "mps_exports",
     "needs_slurm",
     "parse_gres",
     "pick",
@@ -87,6 +97,9 @@ class Sizing:
     shards_from: str | None = None  # comment | slurm | vram | guess
     totals: Mapping[int, int] = field(default_factory=dict)  # NVML index → total MiB (for engine fractions)
     notes: tuple[str, ...] = ()
+    reserved: Mapping[int, int] = field(default_factory=dict)  # NVML index → driver reserve MiB (Ollama's overhead)
+    uuids: tuple[str, ...] = ()  # the pinned GPUs' UUIDs, in ``pinned`` order (an MPS server is started on one)
+    mps_thread_percent: int | None = None  # the class's CUDA_MPS_ACTIVE_THREAD_PERCENTAGE, for share=mps leases
 
     @property
     def pinned_mig_uuid(self) -> str | None:
@@ -205,6 +218,9 @@ def size_job(cfg: Config, node: str, user: LeaseSpec | None, chosen: Sequence[Gr
     by_index = {g.index: g for g in gpus}
     pinned = tuple(sorted(dict.fromkeys(s.gpu_index for s in chosen)))
     totals = {i: by_index[i].total_mib for i in pinned}
+    gpu_facts: dict[str, Any] = {"reserved": {i: by_index[i].reserved_mib for i in pinned},
+                                 "uuids": tuple(by_index[i].uuid for i in pinned),
+                                 "mps_thread_percent": _thread_percent(cfg, spec)}
     # The allocation decides how many GPUs and for how long: the spec's gpus/ttl/wait do not apply.
     base = replace(spec, gpus=None, ttl_s=None, wait_s=None, shards=None)
     notes: list[str] = []
@@ -245,7 +261,7 @@ def size_job(cfg: Config, node: str, user: LeaseSpec | None, chosen: Sequence[Gr
         if len(pinned) > 1:
             notes.append(f"shards on {len(pinned)} GPUs: each GPU's lease is {count} shards")
         return Sizing("shard", replace(base, vram=Vram(mib=count * quantum), mig=None), pinned, shards=count,
-                      shards_from=source, totals=totals, notes=tuple(notes))
+                      shards_from=source, totals=totals, notes=tuple(notes), **gpu_facts)
 
     res = reservations_for(cfg, node)
     ever = min(skus.usable_mib(by_index[i].total_mib, by_index[i].reserved_mib, cfg.policy.margin_mib,
@@ -253,7 +269,16 @@ def size_job(cfg: Config, node: str, user: LeaseSpec | None, chosen: Sequence[Gr
     total = min(totals.values())
     what = f"GPU {pinned[0]}" if len(pinned) == 1 else f"each of GPUs {', '.join(map(str, pinned))}"
     vram = _fit_vram(spec.vram, total, ever, notes, what)
-    return Sizing("whole", replace(base, vram=vram, mig=None), pinned, totals=totals, notes=tuple(notes))
+    return Sizing("whole", replace(base, vram=vram, mig=None), pinned, totals=totals, notes=tuple(notes),
+                  **gpu_facts)
+
+
+def _thread_percent(cfg: Config, spec: LeaseSpec) -> int | None:
+    """The class's MPS thread cap for a ``share=mps`` spec (``None``: not MPS, or a class without one)."""
+    if spec.share is not Share.MPS:
+        return None
+    cls = cfg.policy.classes.get(spec.prio or cfg.policy.default_class)
+    return None if cls is None else cls.mps_thread_percent
 
 
 def _fit_vram(asked: Vram | None, total: int, ever: int, notes: list[str], what: str) -> Vram:
@@ -280,29 +305,34 @@ def _partition_mode(cfg: Config, partition: str | None) -> str | None:
 
 
 def fraction(part_mib: int, total_mib: int) -> str:
-    """``part ÷ total`` rounded *down* to two decimals, as text (``"0.07"``): never more than granted."""
-    if total_mib <= 0:
-        return "0.00"
-    hundredths = min(part_mib, total_mib) * 100 // total_mib
-    return f"{hundredths // 100}.{hundredths % 100:02d}"
+    """``part ÷ total`` rounded *down* (:func:`slurm_gpuarb.engines.fraction`): never more than granted."""
+    return engines.fraction(part_mib, total_mib)
 
 
-def engine_exports(engine: Engine | None, granted_mib: int, total_mib: int) -> dict[str, str]:
-    """Knobs for the serving engine a spec names, so it stays inside its lease.
+def engine_exports(engine: Engine | None, granted_mib: int, total_mib: int, reserved_mib: int = 0) -> dict[str, str]:
+    """Knobs for the serving engine a spec names, so it stays inside its lease (:mod:`slurm_gpuarb.engines`).
 
     vLLM's ``--gpu-memory-utilization`` and TensorFlow's / PyTorch's memory fractions are shares of
-    the GPU's *total* memory; Ollama takes bytes. Wrappers read these variables (none of the
-    engines reads them itself: ``PYTORCH_CUDA_ALLOC_CONF`` has no cap, TF's fraction is a flag).
+    the GPU's *total* memory; Ollama's overhead is the bytes it must leave of what it sees free.
     """
-    if engine is Engine.VLLM:
-        return {"GPUARB_VLLM_GPU_MEMORY_UTILIZATION": fraction(granted_mib, total_mib)}
-    if engine is Engine.OLLAMA:
-        return {"GPUARB_OLLAMA_MAX_VRAM_BYTES": str(granted_mib * 1024 * 1024)}
-    if engine is Engine.TF:
-        return {"GPUARB_TF_MEMORY_FRACTION": fraction(granted_mib, total_mib)}
-    if engine is Engine.TORCH:
-        return {"GPUARB_TORCH_MEMORY_FRACTION": fraction(granted_mib, total_mib)}
-    return {}
+    return engines.engine_knobs(None if engine is None else engine.value, granted_mib, total_mib,
+                                reserved_mib=reserved_mib).exports
+
+
+def mps_exports(sizing: Sizing, granted_mib: int) -> dict[str, str]:
+    """The MPS knobs of a ``share=mps`` lease (see the module docstring); ``{}`` for any other lease."""
+    if sizing.spec.share is not Share.MPS:
+        return {}
+    one_gpu = len(sizing.pinned) == 1 and len(sizing.uuids) == 1
+    total = sizing.totals.get(sizing.pinned[0]) if one_gpu else None
+    out = {"GPUARB_SHARE": Share.MPS.value}
+    if one_gpu:
+        # The Prolog starts the control daemon on this UUID (CUDA_VISIBLE_DEVICES of an MPS server
+        # remaps device indices: NVIDIA recommends UUIDs) and drops the limit when no server runs.
+        out["GPUARB_MPS_DEVICE"] = sizing.uuids[0]
+    out.update(engines.mps_exports(granted_mib, thread_percent=sizing.mps_thread_percent, total_mib=total,
+                                   server=one_gpu))
+    return out
 
 
 def make_grant(base: Grant, sizing: Sizing, decision: Decision, lease: Lease | None) -> Grant:
@@ -315,6 +345,8 @@ def make_grant(base: Grant, sizing: Sizing, decision: Decision, lease: Lease | N
         # Slurm's CUDA_VISIBLE_DEVICES names the parent GPU; CUDA needs the instance's UUID.
         exports["CUDA_VISIBLE_DEVICES"] = ",".join(sizing.mig_uuids)
     total = min(sizing.totals.values()) if sizing.totals else lease.vram_mib
-    exports.update(engine_exports(sizing.spec.engine, lease.vram_mib, total))
+    reserved = max(sizing.reserved.values()) if sizing.reserved else 0
+    exports.update(engine_exports(sizing.spec.engine, lease.vram_mib, total, reserved))
+    exports.update(mps_exports(sizing, lease.vram_mib))
     return replace(base, lease_id=lease.id, vram_mib=lease.vram_mib, gpus=lease.gpus, mig_uuid=lease.mig_uuid,
                    prio=lease.prio, exports=exports)

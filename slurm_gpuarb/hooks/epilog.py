@@ -56,6 +56,11 @@ def main(env: Mapping[str, str] | None = None) -> int:
     else:
         if removed:
             logsink.log_at("debug", HOOK, "grant file removed", job=job.job_id, restart=job.restart_count)
+    if os.path.isdir(f"{settings.state_dir}/mps"):  # a share=mps job ran here: only then import mps
+        from slurm_gpuarb import mps
+
+        for gpu in mps.release(settings.state_dir, job.job_id):
+            logsink.log(HOOK, "MPS server stopped: its last job ended", job=job.job_id, gpu=gpu)
     return exitcodes.exit_code(HOOK, outcome)
 
 

@@ -14,6 +14,16 @@ says ``refused`` (the TaskProlog fails the job with the reason) or ``unleased`` 
 
 The comment is user-controlled: it is sent to the daemon as a JSON string (cut to
 :data:`~.common.MAX_COMMENT_CHARS`), never to a shell, and logged only as an escaped field.
+
+**share=mps.** A grant marked ``GPUARB_SHARE=mps`` on one GPU (``GPUARB_MPS_DEVICE``: its UUID) gets
+an MPS control daemon for that GPU, started as the job's user when none runs
+(:func:`slurm_gpuarb.mps.ensure`); the job then also gets ``CUDA_MPS_PIPE_DIRECTORY`` and the GPU's
+UUID as ``CUDA_VISIBLE_DEVICES``. Without the binary (a machine without the NVIDIA driver, fake GPUs)
+the Prolog logs "no MPS control binary; share=mps runs time-sliced", drops
+``CUDA_MPS_PINNED_DEVICE_MEM_LIMIT`` (nothing would enforce it) and keeps the thread cap. Another
+user's daemon serving running jobs on that GPU turns the grant into a refusal with the reason
+(one user's MPS server per GPU); anything else that goes wrong there is logged and the job runs
+time-sliced. None of this ever makes the Prolog exit non-zero.
 """
 
 from __future__ import annotations
@@ -68,6 +78,8 @@ def _run(job: common.Job, settings: common.Settings, deadline: common.Deadline, 
         deadline.disarm()  # what follows (a grant file, a log line) must not be cut short
         return _failed(e, job, settings, fields)
     deadline.disarm()
+    if grant.status == grants.GRANTED and grant.exports.get("GPUARB_SHARE") == "mps":
+        grant = _mps(grant, answer, job, settings, deadline, fields)
     if not _write(settings, grant, job, fields):
         return exitcodes.exit_code(HOOK, exitcodes.NODE_FAULT)
     if grant.status == grants.REFUSED:
@@ -115,6 +127,62 @@ def _outage(settings: common.Settings, job: common.Job, fields: dict[str, object
     if not _write(settings, grant, job, fields):
         return exitcodes.exit_code(HOOK, exitcodes.NODE_FAULT)
     return exitcodes.exit_code(HOOK, exitcodes.CLOSED if closed else exitcodes.UNLEASED)
+
+
+PINNED_LIMIT = "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT"
+
+
+def _mps(grant: grants.Grant, answer: Mapping[str, Any], job: common.Job, settings: common.Settings,
+         deadline: common.Deadline, fields: dict[str, object]) -> grants.Grant:
+    """A ``share=mps`` grant with its MPS daemon started (or why not); a refusal when another user's
+    daemon serves the GPU. Never raises (see the module docstring)."""
+    exports = grant.exports
+    device = exports.pop("GPUARB_MPS_DEVICE", None)
+    try:
+        gpus = answer["grant"].get("gpus") or []
+        if device is None or len(gpus) != 1 or type(gpus[0]) is not int:
+            exports.pop(PINNED_LIMIT, None)
+            logsink.log(HOOK, f"share=mps on {len(gpus)} GPU(s) without one GPU's UUID runs time-sliced: one MPS "
+                        "server serves one GPU here", **fields)
+            return grant
+        from slurm_gpuarb import mps
+
+        binary = mps.find_control()
+        if binary is None:
+            exports.pop(PINNED_LIMIT, None)
+            logsink.log(HOOK, "no MPS control binary; share=mps runs time-sliced", **fields, gpu=gpus[0])
+            return grant
+        if job.uid is None:
+            exports.pop(PINNED_LIMIT, None)
+            logsink.warning(HOOK, "no SLURM_JOB_UID to run an MPS server as; share=mps runs time-sliced", **fields)
+            return grant
+        state_dir = settings.state_dir
+
+        def is_live(job_id: str) -> bool:
+            return os.path.exists(grants.grant_path(state_dir, job.node, job_id))
+
+        timeout = min(mps.START_TIMEOUT_S, max(deadline.remaining(), 1.0))
+        outcome = mps.ensure(state_dir, gpus[0], device, uid=job.uid, gid=_job_gid(job), job_id=job.job_id,
+                             node=job.node, binary=binary, is_live=is_live, timeout=timeout)
+    except Exception as e:  # a bug here must not fail the job or drain the node: run time-sliced
+        import traceback
+
+        exports.pop(PINNED_LIMIT, None)
+        logsink.error(HOOK, "MPS start failed; share=mps runs time-sliced", **fields,
+                      trace="".join(traceback.format_exception(e)))
+        return grant
+    if outcome.serving:
+        assert outcome.pipe_dir is not None
+        exports["CUDA_MPS_PIPE_DIRECTORY"] = outcome.pipe_dir
+        exports["CUDA_VISIBLE_DEVICES"] = device  # the server was started on the UUID: the client must match
+        logsink.log(HOOK, f"MPS server {outcome.state}", **fields, gpu=gpus[0], pid=outcome.pid)
+        return grant
+    if outcome.state == mps.BUSY:  # _run logs the refusal
+        return grants.Grant(grants.REFUSED, job.job_id, job.node, job.restart_count,
+                            reason=f"gpuarb: share=mps: {outcome.reason}")
+    exports.pop(PINNED_LIMIT, None)
+    logsink.warning(HOOK, "no MPS server; share=mps runs time-sliced", **fields, gpu=gpus[0], reason=outcome.reason)
+    return grant
 
 
 def job_start_message(job: common.Job) -> dict[str, Any]:

@@ -33,7 +33,8 @@ def test_whole_gpu_job_gets_its_spec_on_the_gpu_slurm_gave(handlers: Handlers) -
     assert (lease.job_id, lease.restart_count, lease.node, lease.gpus, lease.owner_uid) == ("12", 0, "n1", (3,), 1000)
     assert lease.expires_at is None  # a job's lease lives as long as the job
     assert g.exports == {"GPUARB_VRAM_MB": "6144", "GPUARB_LEASE_ID": lease.id, "GPUARB_PRIO": "batch",
-                         "GPUARB_VLLM_GPU_MEMORY_UTILIZATION": "0.07"}  # 6144 / 81559, rounded down
+                         "GPUARB_VLLM_GPU_MEMORY_UTILIZATION": "0.0753",  # 6144 / 81559, rounded down
+                         "GPUARB_VLLM_ARGS": "--gpu-memory-utilization 0.0753"}
     assert "CUDA_VISIBLE_DEVICES" not in g.exports  # Slurm's own value stands for whole GPUs
     row = handlers.ledger.decisions(job_id="12")[-1]
     assert (row.plane, row.outcome, row.lease_id) == ("prolog", "grant", lease.id)
@@ -104,7 +105,7 @@ def test_mig_job_gets_its_instance_and_its_uuid_exported(handlers: Handlers) -> 
     uuid = "MIG-fake-h100-80g-mig-7x1g-0-4"
     assert (g.vram_mib, g.mig_uuid, g.gpus) == (MIG_1G, uuid, (0,))
     assert g.exports["CUDA_VISIBLE_DEVICES"] == uuid
-    assert g.exports["GPUARB_TORCH_MEMORY_FRACTION"] == "1.00"  # the whole instance is the job's
+    assert g.exports["GPUARB_TORCH_MEMORY_FRACTION"] == "1.0000"  # the whole instance is the job's
     assert handlers.ledger.get(g.lease_id or "").mig_uuid == uuid
 
 

@@ -6,10 +6,11 @@ from dataclasses import replace
 
 import pytest
 
+from slurm_gpuarb import engines
 from slurm_gpuarb.config import Config, GpuConfig, NodeConfig
 from slurm_gpuarb.daemon import jobs
 from slurm_gpuarb.errors import NodeFault, ProtocolError
-from slurm_gpuarb.model import Decision, Engine, GpuInfo, Lease, LeaseSpec, LeaseState, Outcome, Vram
+from slurm_gpuarb.model import Decision, Engine, GpuInfo, Lease, LeaseSpec, LeaseState, Outcome, Share, Vram
 from slurm_gpuarb.protocol import Grant
 from slurm_gpuarb.telemetry.fake import load_preset
 
@@ -118,8 +119,8 @@ def test_mig_sizes_take_the_instance_and_export_every_one(cfg: Config) -> None:
 
 @pytest.mark.parametrize(
     ("part", "total", "expected"),
-    [(6144, 81559, "0.07"), (81559, 81559, "1.00"), (99, 100, "0.99"), (1, 100, "0.01"), (0, 100, "0.00"),
-     (200, 100, "1.00"), (5, 0, "0.00")],
+    [(6144, 81559, "0.0753"), (81559, 81559, "1.0000"), (99, 100, "0.9900"), (1, 100, "0.0100"),
+     (0, 100, "0.0000"), (200, 100, "1.0000"), (5, 0, "0.0000")],
 )
 def test_fraction_rounds_down(part: int, total: int, expected: str) -> None:
     assert jobs.fraction(part, total) == expected
@@ -127,22 +128,83 @@ def test_fraction_rounds_down(part: int, total: int, expected: str) -> None:
 
 def test_engine_exports() -> None:
     assert jobs.engine_exports(None, 6144, 81559) == {}
-    assert jobs.engine_exports(Engine.VLLM, 40000, 81559) == {"GPUARB_VLLM_GPU_MEMORY_UTILIZATION": "0.49"}
-    assert jobs.engine_exports(Engine.OLLAMA, 2, 10) == {"GPUARB_OLLAMA_MAX_VRAM_BYTES": str(2 * 1024 * 1024)}
-    assert jobs.engine_exports(Engine.TF, 5, 10) == {"GPUARB_TF_MEMORY_FRACTION": "0.50"}
-    assert jobs.engine_exports(Engine.TORCH, 5, 10) == {"GPUARB_TORCH_MEMORY_FRACTION": "0.50"}
+    assert jobs.engine_exports(Engine.VLLM, 40000, 81559) == {
+        "GPUARB_VLLM_GPU_MEMORY_UTILIZATION": "0.4904", "GPUARB_VLLM_ARGS": "--gpu-memory-utilization 0.4904"}
+    assert jobs.engine_exports(Engine.OLLAMA, 2, 10, 1) == {
+        "OLLAMA_GPU_OVERHEAD": str(7 * 1024 * 1024), "OLLAMA_MAX_LOADED_MODELS": "1",
+        "GPUARB_OLLAMA_MAX_VRAM_BYTES": str(2 * 1024 * 1024)}
+    assert jobs.engine_exports(Engine.TF, 5, 10) == {
+        "GPUARB_TF_MEMORY_FRACTION": "0.5000", "GPUARB_TF_SERVING_ARGS": "--per_process_gpu_memory_fraction=0.5000"}
+    assert jobs.engine_exports(Engine.TORCH, 5, 10) == {"GPUARB_TORCH_MEMORY_FRACTION": "0.5000"}
+
+
+def _lease(s: jobs.Sizing, vram: int, prio: str = "batch") -> tuple[Decision, Lease]:
+    lease = Lease(id="L1", node="n", gpus=s.pinned, vram_mib=vram, prio=prio, priority=10, preemptible=True,
+                  state=LeaseState.GRANTED, created_at=1.0, mig_uuid=s.pinned_mig_uuid, job_id="5")
+    return Decision(Outcome.GRANT, "n", "fits", prio, vram, vram, s.pinned, s.pinned_mig_uuid), lease
+
+
+BASE = Grant(job_id="5", restart_count=0, node="n")
 
 
 def test_make_grant_for_a_lease_and_for_a_refusal(cfg: Config) -> None:
     s = _size(cfg, "n3", LeaseSpec(vram=Vram(mib=1024), engine=Engine.OLLAMA), (2,), MIG)
-    base = Grant(job_id="5", restart_count=0, node="n3")
-    lease = Lease(id="L1", node="n3", gpus=(0,), vram_mib=9984, prio="batch", priority=10, preemptible=True,
-                  state=LeaseState.GRANTED, created_at=1.0, mig_uuid=s.pinned_mig_uuid, job_id="5")
-    ok = Decision(Outcome.GRANT, "n3", "fits", "batch", 1024, 9984, (0,), s.pinned_mig_uuid)
-    g = jobs.make_grant(base, s, ok, lease)
+    g = jobs.make_grant(BASE, s, *_lease(s, 9984))
     assert g.exports == {"GPUARB_VRAM_MB": "9984", "GPUARB_LEASE_ID": "L1", "GPUARB_PRIO": "batch",
                          "CUDA_VISIBLE_DEVICES": "MIG-fake-h100-80g-mig-7x1g-0-2",
+                         # the instance is the job's whole: Ollama may plan with all it sees free
+                         "OLLAMA_GPU_OVERHEAD": "0", "OLLAMA_MAX_LOADED_MODELS": "1",
                          "GPUARB_OLLAMA_MAX_VRAM_BYTES": str(9984 * 1024 * 1024)}
-    no = jobs.make_grant(base, s, Decision(Outcome.WAIT, "n3", "instance taken by pid 5.", "batch", 9984), None)
+    no = jobs.make_grant(BASE, s, Decision(Outcome.WAIT, "n3", "instance taken by pid 5.", "batch", 9984), None)
     assert (no.lease_id, no.exports, no.prio) == (None, {}, "batch")
-    assert no.refused == "gpuarb: the job's GPU memory is not available on n3: instance taken by pid 5."
+    assert no.refused == "gpuarb: the job's GPU memory is not available on n: instance taken by pid 5."
+
+
+def test_ollama_overhead_leaves_the_rest_of_a_whole_gpu(cfg: Config) -> None:
+    s = _size(cfg, "n1", LeaseSpec(vram=Vram(mib=6144), prio="llm", engine=Engine.OLLAMA), (3,), DGX)
+    assert (s.reserved, s.uuids) == ({3: DGX[3].reserved_mib}, (DGX[3].uuid,))
+    g = jobs.make_grant(BASE, s, *_lease(s, 6144, "llm"))
+    # Ollama sees total − driver reserve free on a GPU the job has alone: all but the grant is overhead
+    assert int(g.exports["OLLAMA_GPU_OVERHEAD"]) == (81559 - DGX[3].reserved_mib - 6144) * 1024 * 1024
+
+
+@pytest.mark.parametrize(("prio", "cap"), [("batch", "30"), ("llm", None)])
+def test_share_mps_carries_the_class_thread_cap_and_the_pinned_limit(cfg: Config, prio: str, cap: str | None) -> None:
+    assert cfg.policy.classes["batch"].mps_thread_percent == 30 and cfg.policy.classes["llm"].mps_thread_percent is None
+    s = _size(cfg, "n1", LeaseSpec(vram=Vram(mib=4096), prio=prio, share=Share.MPS), (2,), DGX)
+    assert s.mps_thread_percent == (None if cap is None else int(cap))
+    g = jobs.make_grant(BASE, s, *_lease(s, 4096, prio))
+    mps = {k: v for k, v in g.exports.items() if "MPS" in k or k == "GPUARB_SHARE"}
+    expected = {"GPUARB_SHARE": "mps", "GPUARB_MPS_DEVICE": DGX[2].uuid,
+                "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT": f"0={4096 + engines.CUDA_CONTEXT_MIB}M"}
+    if cap is not None:
+        expected["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] = cap
+    assert mps == expected
+
+
+def test_share_mps_on_a_shard_gpu_keeps_the_cap(cfg: Config) -> None:
+    s = _size(cfg, "n2", LeaseSpec(vram=Vram(mib=2048), share=Share.MPS), (0,), RTX, partition="shard")
+    assert s.mode == "shard" and s.mps_thread_percent == 30  # the default class is batch
+    assert jobs.make_grant(BASE, s, *_lease(s, 2048)).exports["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
+
+
+def test_no_mps_knobs_without_share_mps(cfg: Config) -> None:
+    for spec in (LeaseSpec(vram=Vram(mib=4096)), LeaseSpec(vram=Vram(mib=4096), share=Share.SHARD)):
+        s = _size(cfg, "n1", spec, (0,), DGX)
+        assert s.mps_thread_percent is None
+        exports = jobs.make_grant(BASE, s, *_lease(s, 4096)).exports
+        assert not any("MPS" in k for k in exports) and "GPUARB_SHARE" not in exports
+
+
+def test_share_mps_on_several_gpus_has_no_server_knobs(cfg: Config) -> None:
+    s = _size(cfg, "n1", LeaseSpec(vram=Vram(mib=4096), share=Share.MPS), (0, 1), DGX)
+    exports = jobs.make_grant(BASE, s, *_lease(s, 4096)).exports
+    # the Prolog starts one server per GPU: a two-GPU lease runs time-sliced, with its thread cap
+    assert exports["GPUARB_SHARE"] == "mps" and exports["CUDA_MPS_ACTIVE_THREAD_PERCENTAGE"] == "30"
+    assert "GPUARB_MPS_DEVICE" not in exports and "CUDA_MPS_PINNED_DEVICE_MEM_LIMIT" not in exports
+
+
+def test_mig_leases_never_share_by_mps(cfg: Config) -> None:
+    s = _size(cfg, "n3", LeaseSpec(vram=Vram(mib=4096), share=Share.MPS), (1,), MIG)
+    assert s.spec.share is None and s.mps_thread_percent is None
+    assert "GPUARB_SHARE" not in jobs.make_grant(BASE, s, *_lease(s, 9984)).exports
