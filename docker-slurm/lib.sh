@@ -106,6 +106,9 @@ render_configs() {
   local args=(--out "$etc/rendered" --dev-dir "$D/dev/{node}"
               --templates "$REPO/templates" --node-hostname "$node_host" --node-addr "$node_addr" --port-base 17001)
   [ "$hooks" = 1 ] && args+=(--hooks-dir "$D/hooks")
+  # With slurmdbd: QoS per class (gpuarb-qos.sh), PreemptType=preempt/qos, job_submit sets the QoS.
+  # GraceTime: the SIGTERM-to-SIGKILL time a preempted batch job gets (short here: tests wait it out).
+  [ "$dbd" = 1 ] && args+=(--accounting --grace-time "${GPUARB_GRACE_TIME:-10s}")
   # job_submit.lua / cli_filter.lua: rendered and loaded unless GPUARB_CLUSTER_LUA=0 (a cluster
   # without the submit plane: the run plane alone, as at a site that has not installed them).
   if [ "${GPUARB_CLUSTER_LUA:-1}" = 1 ]; then args+=(--lua); else args+=(--no-lua); fi
@@ -217,9 +220,9 @@ AccountingStorageHost=$ctld_host
 AccountingStoragePort=6819
 AccountingStorageEnforce=associations,limits,qos
 AccountingStorageTRES=gres/gpu,gres/shard,gres/mps
-PreemptType=preempt/qos
 EOF
   else
+    # Without slurmdbd the render step names no PreemptType (no --accounting flag): set here.
     echo "AccountingStorageType=accounting_storage/none"
     echo "PreemptType=preempt/partition_prio"
   fi

@@ -80,9 +80,14 @@ case "$*" in
   "-n -P show qos format=name") cat "$STATE/qos" 2>/dev/null; exit 0 ;;
   "-n -P show account format=account") cat "$STATE/account" 2>/dev/null; exit 0 ;;
   "-n -P show user format=user") cat "$STATE/user" 2>/dev/null; exit 0 ;;
+  "-n -P show qos where name="*" format=preempt") n=${6#name=}; cat "$STATE/preempt-$n" 2>/dev/null; exit 0 ;;
 esac
 if [ -n "${FAIL:-}" ] && [ "${2:-}" = "$FAIL" ]; then echo " Unknown option: $FAIL" >&2; exit 1; fi
-if [ "$2" = add ] && [ "$3" = qos ]; then echo "$4" >> "$STATE/qos"; echo " Adding QOS(s)"; exit 0; fi
+if [ "$2" = add ] && [ "$3" = qos ]; then
+  echo "$4" >> "$STATE/qos"
+  for a in "$@"; do case $a in Preempt=*) echo "${a#Preempt=}" > "$STATE/preempt-$4" ;; esac; done
+  echo " Adding QOS(s)"; exit 0
+fi
 if [ -f "$STATE/unchanged" ]; then echo " Nothing modified"; exit 1; fi
 echo " Modified"
 """
@@ -124,12 +129,31 @@ def test_script_adds_missing_qos_in_order_then_modifies(script: Path, tmp_path: 
         "-i modify account where name=inference set QOS+=llm",
     ]
     assert done.stdout == "gpuarb-qos: QoS batch, llm in place\n"
-    # Again: both exist now, so both are modified, and Preempt= is set (empty clears an old list).
+    # Again: both exist now, so both are modified; their Preempt lists are already right and are left
+    # alone (an empty "Preempt=" would break slurmdbd 22.05's loop check for good).
     done, calls = run(script, tmp_path)
     assert done.returncode == 0, done.stderr
     assert calls[:2] == [
-        "-i modify qos where name=batch set Priority=10 PreemptMode=requeue GraceTime=60 Preempt=",
-        "-i modify qos where name=llm set Priority=1000 PreemptMode=requeue GraceTime=0 Preempt=batch"]
+        "-i modify qos where name=batch set Priority=10 PreemptMode=requeue GraceTime=60",
+        "-i modify qos where name=llm set Priority=1000 PreemptMode=requeue GraceTime=0"]
+    assert not any(c.endswith("Preempt=") for c in calls)
+
+
+def test_script_replaces_a_changed_preempt_list_name_by_name(script: Path, tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "qos").write_text("normal\nbatch\nllm\n")
+    (state / "account").write_text("root\ninference\n")
+    (state / "preempt-batch").write_text("normal\n")  # batch used to preempt normal; now it preempts nothing
+    (state / "preempt-llm").write_text("normal\n")
+    done, calls = run(script, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert calls[:5] == [
+        "-i modify qos where name=batch set Priority=10 PreemptMode=requeue GraceTime=60",
+        "-i modify qos where name=batch set Preempt-=normal",
+        "-i modify qos where name=llm set Priority=1000 PreemptMode=requeue GraceTime=0",
+        "-i modify qos where name=llm set Preempt-=normal",
+        "-i modify qos where name=llm set Preempt=batch"]
 
 
 def test_script_treats_nothing_modified_as_done(script: Path, tmp_path: Path) -> None:

@@ -395,13 +395,16 @@ def _native_env(extra: Mapping[str, str]) -> dict[str, str]:
 
 
 def native_up(d: Path, **extra: str) -> None:
-    """Bring the cluster up (or start what is not running): every hook, the daemon, no slurmdbd."""
+    """Bring the cluster up (or start what is not running): every hook, the daemon, slurmdbd."""
     env = _native_env({
         "GPUARB_CLUSTER_DIR": str(d),
         "GPUARB_CLUSTER_HOOKS": os.environ.get("GPUARB_CLUSTER_HOOKS", "1"),
         "GPUARB_CLUSTER_DAEMON": os.environ.get("GPUARB_CLUSTER_DAEMON", "1"),
         "GPUARB_CLUSTER_LUA": "1",  # the submit plane: tests that need it off use without_submit_plane()
-        "WITH_DBD": "0",
+        # slurmdbd + MariaDB: QoS per class from the rendered gpuarb-qos.sh, QoS preemption (llm requeues
+        # batch after GraceTime). The test user needs an association before it can submit.
+        "WITH_DBD": "1",
+        "GPUARB_CLUSTER_USERS": TEST_USER,
         **extra,
     })
     p = subprocess.run([str(NATIVE_UP)], env=env, capture_output=True, text=True, timeout=900, check=False)
@@ -443,6 +446,7 @@ def cluster() -> Iterator[Cluster]:
     if _recorded_pids(d):
         # A cluster left running (an earlier session, a helper's recording): this tier owns it now.
         native_down(d)
+    _ensure_test_user()
     native_up(d, RESET="1")
     c = Cluster(d)
     # Job ids start at 1 again: an old job's gate or output file must not answer for a new job.
@@ -478,10 +482,14 @@ def _between_tests(request: pytest.FixtureRequest) -> Iterator[None]:
         c.resume(line.split("|")[0])
 
 
-@pytest.fixture(scope="session")
-def test_user(cluster: Cluster) -> str:
-    """An unprivileged user for jobs (created with useradd when missing)."""
+def _ensure_test_user() -> None:
+    """An unprivileged user for jobs (created with useradd when missing; native-up gives it an
+    association in slurmdbd)."""
     if subprocess.run(["id", "-u", TEST_USER], capture_output=True, check=False).returncode != 0:
         subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/bin/bash", TEST_USER],
                        check=True, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def test_user(cluster: Cluster) -> str:
     return TEST_USER

@@ -28,10 +28,20 @@ listed() {  # listed ENTITY FORMAT NAME: whether sacctmgr shows NAME
 qos_names=$("$SACCTMGR" -n -P show qos format=name) \
   || { echo "gpuarb-qos: sacctmgr cannot list QoS; is slurmdbd running?" >&2; exit 1; }
 
-set_qos() {  # set_qos NAME PREEMPT SETTING...: Preempt= empty clears an old list on modify
+# set_qos NAME PREEMPT SETTING...: add the QoS, or modify it to these settings.
+# Slurm 22.05's slurmdbd must never get an empty "Preempt=": it leaves that QoS looking like it
+# preempts others, and every later "Preempt=<it>" fails with "QOS Preemption loop detected"
+# (measured on the test cluster). So an unchanged list is left alone and an old one is removed
+# name by name.
+set_qos() {
   name=$1 preempt=$2; shift 2
   if printf '%s\n' "$qos_names" | grep -qx -- "$name"; then
-    run modify qos where name="$name" set "$@" "Preempt=$preempt"
+    current=$("$SACCTMGR" -n -P show qos where name="$name" format=preempt)
+    run modify qos where name="$name" set "$@"
+    if [ "$current" != "$preempt" ]; then
+      if [ -n "$current" ]; then run modify qos where name="$name" set "Preempt-=$current"; fi
+      if [ -n "$preempt" ]; then run modify qos where name="$name" set "Preempt=$preempt"; fi
+    fi
   elif [ -n "$preempt" ]; then
     run add qos "$name" "$@" "Preempt=$preempt"
   else
