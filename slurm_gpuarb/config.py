@@ -5,6 +5,7 @@ overrides (command-line flags). ``load()`` returns one frozen :class:`Config`; e
 :class:`~slurm_gpuarb.errors.ConfigError` naming the file (or variable, or option), the key path
 (``classes.batch.preemptable``), what was expected and what was found. Unknown keys are errors, with
 a did-you-mean. ``templates/examples/README.md`` is the admin-facing version of this reference.
+``[[reservations]]``, ``[[services]]`` and ``[controller]`` are read by :mod:`.config_services`.
 
 File reference (``*`` = required)::
 
@@ -37,6 +38,18 @@ File reference (``*`` = required)::
                node                one node (default: every node with that GPU index)
                mode                static (subtracted from rendered shards) | holder (held by a holder job)
                match             * inline table, at least one of process (comm, ≤15 chars), user, pidfile
+               probe               inline table: kind * (vllm | ollama | tfserving), url * (http://HOST:PORT),
+                                   model (required for tfserving), timeout ("2s", "500ms"; default 2s);
+                                   required for mode = "holder"; makes the reservation a service too
+               grace               holder only: how long the service may be down before its holder job
+                                   is cancelled (default "5m")
+    [[services]]                   inference backends without a reservation, for gpuarb services / route
+               name *, kind *, url *, models (names it serves; required for tfserving), timeout
+    [controller]                   the controller agent (gpuarbd --role controller)
+               interval            its loop ("15s"); shrink (bool, default true): shrink waiting min= jobs
+               holder_class        class of holder jobs (default: the highest non-preemptible class)
+               holder_partition    partition of holder jobs (default: one holding the node that admits it)
+               holder_time_limit   sbatch --time of holder jobs (default UNLIMITED)
     [[nodes]]                      the inventory; the renderer's input
                name              * a node name or a Slurm hostlist ("dgx[01-16]")
                telemetry           per-node backend (several fake slurmd on one test host)
@@ -76,7 +89,7 @@ from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit
 
 from .errors import ConfigError
-from .model import ClassPolicy, Matcher, Policy, Reservation
+from .model import ClassPolicy, ControllerConfig, Policy, Reservation, ServiceConfig
 from .units import UnitError, parse_duration_s, parse_size_mib
 
 __all__ = [
@@ -98,7 +111,6 @@ DEFAULT_CONFIG_PATH = "/etc/slurm/gpuarb.toml"
 CONFIG_VERSION: Final = 1
 DEFAULT_LEDGER_URL: Final = "sqlite:////var/lib/gpuarb/ledger.db"
 GPU_MODES: Final = ("whole", "shard", "mig", "mps")
-RESERVATION_MODES: Final = ("static", "holder")
 FAIL_MODES: Final = ("open", "closed")
 TELEMETRY_BACKENDS: Final = ("auto", "nvml", "smi")
 MIN_QUANTUM_MIB: Final = 64
@@ -117,11 +129,9 @@ _BRACKET_RE: Final = re.compile(r"\[([^\[\]]*)\]")
 _RANGE_RE: Final = re.compile(r"([0-9]{1,6})(?:-([0-9]{1,6}))?", re.ASCII)
 
 _TOP_KEYS: Final = ("version", "host", "ledger", "telemetry", "daemon", "hooks", "policy", "classes",
-                    "reservations", "nodes", "partitions")
+                    "reservations", "services", "controller", "nodes", "partitions")
 _POLICY_KEYS: Final = ("margin", "quantum", "default_class", "default_ttl", "max_ttl")
 _CLASS_KEYS: Final = ("priority", "preemptible", "may_degrade", "qos", "mps_thread_percent")
-_RESERVATION_KEYS: Final = ("name", "size", "gpu", "node", "mode", "match")
-_MATCH_KEYS: Final = ("process", "user", "pidfile")
 _NODE_KEYS: Final = ("name", "telemetry", "gpus")
 _GPU_KEYS: Final = ("index", "count", "sku", "mode", "minor", "mig")
 _PARTITION_KEYS: Final = ("name", "nodes", "mode", "classes", "default")
@@ -178,6 +188,8 @@ class Config:
     telemetry: str
     policy: Policy
     reservations: tuple[Reservation, ...] = ()
+    services: tuple[ServiceConfig, ...] = ()  # probed reservations first, then [[services]]
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
     nodes: tuple[NodeConfig, ...] = ()
     partitions: tuple[PartitionConfig, ...] = ()
     socket_path: Path = Path("/run/gpuarb/gpuarb.sock")
@@ -648,40 +660,6 @@ def _resolve_modes(top: _Table, nodes: Mapping[str, tuple[str | None, list[tuple
     return tuple(out)
 
 
-def _reservations(top: _Table, nodes: Sequence[NodeConfig]) -> tuple[Reservation, ...]:
-    out: list[Reservation] = []
-    for t in top.tables("reservations", _RESERVATION_KEYS):
-        name = t.name("name", NAME_RE, "a reservation name")
-        if any(r.name == name for r in out):
-            raise t.error("name", f"reservation {name!r} is declared twice")
-        size = t.size("size")
-        if size is None:
-            raise t.error("size", 'missing; add size = "12GiB" (what the tenant needs at most)')
-        gpu = t.integer("gpu", 0, MAX_GPU_INDEX) or 0
-        node = t.get("node", str, "a node name")
-        if node is not None:
-            _parse_node(node, t.where("node"))
-        if nodes:
-            holders = [n for n in nodes if node in (None, n.name)]
-            if node is not None and not holders:
-                raise t.error("node", f"node {node!r} is not declared; add a [[nodes]] entry or fix the name")
-            if not any(g.index == gpu for n in holders for g in n.gpus):
-                owner = "no declared node has" if node is None else f"node {node!r} has no"
-                raise t.error("gpu", f"{owner} GPU with index {gpu}")
-        m = t.table("match", _MATCH_KEYS)
-        matcher = Matcher(m.get("process", str, "a process name"), m.get("user", str, "a user name"),
-                          m.get("pidfile", str, "an absolute path"))
-        if matcher == Matcher():
-            raise t.error("match", 'missing; add match = { process = "ollama" } (or user, pidfile)')
-        if matcher.process is not None and not 0 < len(matcher.process) <= COMM_MAX_CHARS:
-            raise m.error("process", f"expected 1 to {COMM_MAX_CHARS} characters: the kernel truncates "
-                                     "process names (/proc/PID/comm) to 15")
-        if matcher.pidfile is not None:
-            _parse_path(matcher.pidfile, m.where("pidfile"))
-        out.append(Reservation(name, size, gpu, node, matcher, t.choice("mode", RESERVATION_MODES, "static")))
-    return tuple(out)
-
-
 # --------------------------------------------------------------------------- loading
 
 
@@ -746,5 +724,10 @@ def load(path: str | Path | None = None, *, env: Mapping[str, str] | None = None
     if sources["telemetry"] not in ("default", "file"):
         # A backend chosen at run time applies everywhere, as its place in the resolution order says.
         nodes = tuple(replace(n, telemetry=None) for n in nodes)
-    return Config(version=CONFIG_VERSION, path=file, policy=policy, reservations=_reservations(top, nodes),
+    from . import config_services as cs  # imported here: it builds on this module's helpers
+
+    reservations = cs.parse_reservations(top, nodes)
+    return Config(version=CONFIG_VERSION, path=file, policy=policy, reservations=reservations,
+                  services=cs.parse_services(top, reservations),
+                  controller=cs.parse_controller(top, policy.classes, partitions, reservations),
                   nodes=nodes, partitions=partitions, sources=sources, **values)

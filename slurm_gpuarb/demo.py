@@ -59,6 +59,7 @@ size = "12GiB"
 gpu = 0
 mode = "static"
 match = { process = "ollama" }
+probe = { kind = "ollama", url = "http://127.0.0.1:11434", model = "llama3:8b", timeout = "2s" }
 
 [[nodes]]
 name = "ws1"

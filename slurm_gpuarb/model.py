@@ -176,6 +176,21 @@ class Matcher:
 
 
 @dataclass(frozen=True)
+class Probe:
+    """How to ask an inference server over HTTP whether it is up (``gpuarb services``, the controller).
+
+    ``url`` is ``http://HOST:PORT`` with no path: each kind knows its own endpoints (vLLM ``/health``,
+    ``/metrics``, ``/v1/models``; Ollama ``/api/version``, ``/api/ps``; TF Serving ``/v1/models/NAME``).
+    ``model`` is the model the service is there for (TF Serving: the model name it is asked about).
+    """
+
+    kind: str  # "vllm" | "ollama" | "tfserving"
+    url: str
+    model: str | None = None
+    timeout_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class Reservation:
     """Standing VRAM for a tenant outside the lease protocol (an Ollama on the host, a vLLM service)."""
 
@@ -185,6 +200,38 @@ class Reservation:
     node: str | None = None  # None: every node of the inventory that has that GPU index
     match: Matcher = field(default_factory=Matcher)
     mode: str = "static"  # "static" (subtracted at render time) | "holder" (held by a holder job)
+    probe: Probe | None = None  # required for mode="holder": the controller follows the service's health
+    grace_s: float = 300.0  # how long the service may be down before the controller cancels its holder job
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """An inference backend ``gpuarb services`` probes and ``gpuarb route`` may send requests to.
+
+    Every reservation with a probe is one (``reservation`` = its name); ``[[services]]`` adds backends
+    that hold no reservation. ``models`` are the model names it serves as declared in the config
+    (the probe adds those the backend reports).
+    """
+
+    name: str
+    probe: Probe
+    models: tuple[str, ...] = ()
+    reservation: str | None = None
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    """The controller agent (``gpuarbd --role controller``): how often it reconciles, and its holder jobs.
+
+    ``None`` means "derive it": the holder partition is one holding the reservation's node that admits
+    the holder class; the holder class is the non-preemptible class with the highest priority.
+    """
+
+    interval_s: float = 15.0
+    holder_partition: str | None = None
+    holder_class: str | None = None
+    shrink: bool = True  # shrink pending jobs that declared min= and waited past wait=
+    holder_time_limit: str = "UNLIMITED"  # sbatch --time of holder jobs (Slurm's time format)
 
 
 @dataclass(frozen=True)

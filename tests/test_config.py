@@ -13,9 +13,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from slurm_gpuarb import config
+from slurm_gpuarb import config_services as cs
 from slurm_gpuarb.config import Config, expand_hostlist, load, node_config, reservations_for, telemetry_for
 from slurm_gpuarb.errors import ConfigError
-from slurm_gpuarb.model import Matcher
+from slurm_gpuarb.model import ControllerConfig, Matcher, Probe, ServiceConfig
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "templates" / "examples"
 EXAMPLE_FILES = sorted(EXAMPLES.glob("*.toml"))
@@ -475,6 +476,7 @@ size = "3GiB"
 node = "small"
 mode = "holder"
 match = { process = "ollama", pidfile = "/run/ollama.pid" }
+probe = { kind = "ollama", url = "http://127.0.0.1:11434" }
 """
     cfg = load(write(tmp_path, text), env={})
     assert [r.name for r in reservations_for(cfg, "big")] == ["everywhere", "second-gpu"]
@@ -529,6 +531,185 @@ def test_expand_hostlist(text: str, names: list[str]) -> None:
 def test_expand_hostlist_refuses(text: str) -> None:  # load() turns this into a ConfigError
     with pytest.raises(ValueError):
         expand_hostlist(text)
+
+
+# --------------------------------------------------------------------------- probes, services, controller
+
+RES = V + '[[reservations]]\nname = "ollama"\nsize = "12GiB"\nmatch = { process = "ollama" }\n'
+OLLAMA_PROBE = 'probe = { kind = "ollama", url = "http://127.0.0.1:11434" }\n'
+SERVICES = V + """
+[[reservations]]
+name = "ollama"
+size = "12GiB"
+mode = "holder"
+grace = "10m"
+match = { process = "ollama" }
+probe = { kind = "ollama", url = "http://127.0.0.1:11434/", model = "llama3:8b", timeout = "500ms" }
+
+[[reservations]]
+name = "plain"
+size = "1GiB"
+match = { user = "svc" }
+
+[[services]]
+name = "vllm-a"
+kind = "vllm"
+url = "https://gpu-h01:8000"
+models = ["meta-llama/Llama-3.1-8B-Instruct", "llama3:8b"]
+
+[[services]]
+name = "tf"
+kind = "tfserving"
+url = "http://[::1]:8501"
+models = ["ranker", "half_plus_two"]
+timeout = "3s"
+
+[controller]
+interval = "30s"
+holder_class = "llm"
+holder_partition = "llm"
+holder_time_limit = "7-00:00:00"
+shrink = false
+
+[[nodes]]
+name = "n1"
+gpus = [ { index = 0, sku = "rtx3090ti-24g" } ]
+
+[[partitions]]
+name = "llm"
+nodes = ["n1"]
+classes = ["llm"]
+"""
+
+
+def test_probes_services_and_controller(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, SERVICES), env={})
+    ollama, plain = cfg.reservations
+    assert ollama.probe == Probe("ollama", "http://127.0.0.1:11434", "llama3:8b", 0.5)  # the trailing / dropped
+    assert (ollama.mode, ollama.grace_s, plain.probe, plain.grace_s) == ("holder", 600.0, None, 300.0)
+    assert cfg.services == (
+        ServiceConfig("ollama", ollama.probe, ("llama3:8b",), reservation="ollama"),
+        ServiceConfig("vllm-a", Probe("vllm", "https://gpu-h01:8000", None, 2.0),
+                      ("meta-llama/Llama-3.1-8B-Instruct", "llama3:8b")),
+        ServiceConfig("tf", Probe("tfserving", "http://[::1]:8501", "ranker", 3.0), ("ranker", "half_plus_two")),
+    )
+    assert cfg.controller == ControllerConfig(30.0, "llm", "llm", False, "7-00:00:00")
+
+
+def test_controller_defaults(tmp_path: Path) -> None:
+    cfg = load(write(tmp_path, RES + OLLAMA_PROBE.replace("}", ', timeout = "2s" }')), env={})
+    assert cfg.controller == ControllerConfig() == ControllerConfig(15.0, None, None, True, "UNLIMITED")
+    assert cfg.services[0].probe.timeout_s == 2.0
+    assert load(env={}).services == ()
+
+
+def test_workstation_example_probes_its_ollama() -> None:
+    cfg = load(EXAMPLES / "workstation-3090ti.toml", env={})
+    assert cfg.services == (ServiceConfig("ollama", Probe("ollama", "http://127.0.0.1:11434", "llama3:8b", 2.0),
+                                          ("llama3:8b",), "ollama"),)
+    assert cfg.reservations[0].mode == "static"  # the probe changes nothing in the rendered files
+
+
+def test_mixed_cluster_example_services() -> None:
+    cfg = load(EXAMPLES / "mixed-cluster.toml", env={})
+    assert [(s.name, s.probe.kind, s.reservation) for s in cfg.services] == [
+        ("vllm-chat", "vllm", "vllm-chat"), ("ollama-fallback", "ollama", None), ("tf-ranker", "tfserving", None)]
+    assert cfg.services[2].probe.timeout_s == 0.5
+
+
+@pytest.mark.parametrize(("limit"), ["UNLIMITED", "INFINITE", "60", "30:00", "12:00:00", "2-12", "2-12:30",
+                                     "2-12:30:00"])
+def test_holder_time_limits_slurm_accepts(tmp_path: Path, limit: str) -> None:
+    cfg = load(write(tmp_path, V + f'[controller]\nholder_time_limit = "{limit}"\n'), env={})
+    assert cfg.controller.holder_time_limit == limit
+
+
+HOLDER = RES.replace('size = "12GiB"', 'size = "12GiB"\nmode = "holder"')
+SVC = V + '[[services]]\nname = "v"\nkind = "vllm"\nurl = "http://h:8000"\n'
+CLASSES_ALL_PREEMPTIBLE = "[classes.batch]\npriority = 1\npreemptible = true\n"
+
+SERVICE_ERRORS: list[tuple[str, str, list[str]]] = [
+    ("probe-not-table", RES + 'probe = "http://h:1"\n', ["reservations[0].probe", "expected a table", "string"]),
+    ("probe-kind-missing", RES + 'probe = { url = "http://h:1" }\n', ["reservations[0].probe.kind", "missing"]),
+    ("probe-kind-typo", RES + 'probe = { kind = "olama", url = "http://h:1" }\n',
+     ["reservations[0].probe.kind", "vllm, ollama, tfserving", "'olama'", "did you mean 'ollama'"]),
+    ("probe-kind-tf", RES + 'probe = { kind = "TF", url = "http://h:1" }\n', ["did you mean 'tfserving'"]),
+    ("probe-url-missing", RES + 'probe = { kind = "vllm" }\n', ["reservations[0].probe.url", "missing"]),
+    ("probe-url-path", RES + 'probe = { kind = "vllm", url = "http://h:1/health" }\n',
+     ["reservations[0].probe.url", "with no path", "/health"]),
+    ("probe-url-query", RES + 'probe = { kind = "vllm", url = "http://h:1?x=1" }\n', ["with no path"]),
+    ("probe-url-scheme", RES + 'probe = { kind = "vllm", url = "ftp://h:1" }\n',
+     ["reservations[0].probe.url", "expected http://HOST:PORT", "'ftp://h:1'"]),
+    ("probe-url-bare", RES + 'probe = { kind = "vllm", url = "h:8000" }\n', ["expected http://HOST:PORT"]),
+    ("probe-url-port", RES + 'probe = { kind = "vllm", url = "http://h:99999" }\n', ["expected http://HOST:PORT"]),
+    ("probe-url-port-0", RES + 'probe = { kind = "vllm", url = "http://h:0" }\n', ["expected http://HOST:PORT"]),
+    ("probe-url-type", RES + 'probe = { kind = "vllm", url = 8000 }\n', ["probe.url", "expected a URL", "integer"]),
+    ("probe-key", RES + 'probe = { kind = "vllm", url = "http://h:1", modle = "m" }\n',
+     ["reservations[0].probe.modle", "did you mean 'model'"]),
+    ("probe-timeout-bare", RES + 'probe = { kind = "vllm", url = "http://h:1", timeout = "2" }\n',
+     ["reservations[0].probe.timeout", "duration"]),
+    ("probe-timeout-number", RES + 'probe = { kind = "vllm", url = "http://h:1", timeout = 2 }\n',
+     ["reservations[0].probe.timeout", "a timeout string", "integer 2"]),
+    ("probe-timeout-short", RES + 'probe = { kind = "vllm", url = "http://h:1", timeout = "10ms" }\n',
+     ["reservations[0].probe.timeout", "from 50ms to 60s", "'10ms'"]),
+    ("probe-timeout-long", RES + 'probe = { kind = "vllm", url = "http://h:1", timeout = "2m" }\n',
+     ["from 50ms to 60s"]),
+    ("probe-tf-no-model", RES + 'probe = { kind = "tfserving", url = "http://h:1" }\n',
+     ["reservations[0].probe.model", "missing", "GET /v1/models/NAME"]),
+    ("probe-model", RES + 'probe = { kind = "ollama", url = "http://h:1", model = "llama 3" }\n',
+     ["reservations[0].probe.model", "'llama 3' is not a model name"]),
+    ("holder-no-probe", HOLDER, ["reservations[0].probe", "missing", "holder reservation needs a probe", "kind ="]),
+    ("grace-static", RES + OLLAMA_PROBE + 'grace = "5m"\n', ["reservations[0].grace", "only a holder", "mode = "]),
+    ("grace-bad", HOLDER + OLLAMA_PROBE + 'grace = "5 minutes"\n', ["reservations[0].grace", "duration"]),
+    ("svc-not-array", V + "services = 1\n", ["services", "array of tables"]),
+    ("svc-no-name", V + '[[services]]\nkind = "vllm"\nurl = "http://h:1"\n', ["services[0].name", "missing"]),
+    ("svc-bad-name", SVC.replace('"v"', '"a b"'), ["services[0].name", "'a b' is not a service name"]),
+    ("svc-no-kind", V + '[[services]]\nname = "v"\nurl = "http://h:1"\n', ["services[0].kind", "missing"]),
+    ("svc-no-url", V + '[[services]]\nname = "v"\nkind = "vllm"\n', ["services[0].url", "missing"]),
+    ("svc-creds", SVC.replace("http://h:8000", "http://admin:s3cret@h:8000"),
+     ["services[0].url", "credentials", "world-readable"]),
+    ("svc-dup", SVC + SVC[len(V):], ["services[1].name", "'v' is declared twice"]),
+    ("svc-res-name", RES + SVC[len(V):].replace('"v"', '"ollama"'),
+     ["services[0].name", "'ollama' is a reservation's name too", "probe = "]),
+    ("svc-models-type", SVC + "models = [1]\n", ["services[0].models[0]", "expected a string (model name)"]),
+    ("svc-models-not-list", SVC + 'models = "m"\n', ["services[0].models", "array of strings"]),
+    ("svc-model-name", SVC + 'models = ["ok", ""]\n', ["services[0].models[1]", "is not a model name"]),
+    ("svc-models-dup", SVC + 'models = ["m", "m"]\n', ["services[0].models[1]", "listed twice"]),
+    ("svc-tf-no-models", SVC.replace('"vllm"', '"tfserving"'), ["services[0].models", "missing", 'models = ["NAME"]']),
+    ("svc-key", SVC + 'model = "m"\n', ["services[0].model", "did you mean 'models'"]),
+    ("svc-timeout", SVC + 'timeout = "1h"\n', ["services[0].timeout", "from 50ms to 60s"]),
+    ("ctl-not-table", V + "controller = 5\n", ["controller", "expected a table ([controller])"]),
+    ("ctl-key", V + '[controller]\nintervall = "1m"\n', ["controller.intervall", "did you mean 'interval'"]),
+    ("ctl-interval", V + "[controller]\ninterval = 15\n", ["controller.interval", "duration string", "integer 15"]),
+    ("ctl-class", V + '[controller]\nholder_class = "gold"\n', ["controller.holder_class", "'gold'", "llm, batch"]),
+    ("ctl-class-preemptible", V + '[controller]\nholder_class = "batch"\n',
+     ["controller.holder_class", "'batch' is preemptible", "preemptible = false"]),
+    ("ctl-no-holder-class", HOLDER + OLLAMA_PROBE + CLASSES_ALL_PREEMPTIBLE,
+     ["controller.holder_class", "missing", "every declared class is preemptible"]),
+    ("ctl-partition-name", V + '[controller]\nholder_partition = "a b"\n', ["controller.holder_partition", "'a b'"]),
+    ("ctl-partition", NODES + '[[partitions]]\nname = "p"\nnodes = ["n1"]\n[controller]\nholder_partition = "q"\n',
+     ["controller.holder_partition", "'q' is not declared", "declared: p"]),
+    ("ctl-partition-class", NODES + '[[partitions]]\nname = "p"\nnodes = ["n1"]\nclasses = ["batch"]\n'
+     '[controller]\nholder_partition = "p"\nholder_class = "llm"\n',
+     ["controller.holder_partition", "'p' does not admit class 'llm'"]),
+    ("ctl-time-limit", V + '[controller]\nholder_time_limit = "forever"\n',
+     ["controller.holder_time_limit", "'forever' is not a Slurm time limit", "UNLIMITED"]),
+    ("ctl-shrink", V + '[controller]\nshrink = "yes"\n', ["controller.shrink", "true or false", "string 'yes'"]),
+]
+
+
+@pytest.mark.parametrize(("text", "expect"), [(t, e) for _, t, e in SERVICE_ERRORS],
+                         ids=[i for i, _, _ in SERVICE_ERRORS])
+def test_service_errors_name_file_key_and_fix(tmp_path: Path, text: str, expect: list[str]) -> None:
+    msg = error_of(tmp_path, text)
+    for part in expect:
+        assert part in msg, msg
+    assert "\n" not in msg
+
+
+def test_probe_url_credentials_are_never_echoed(tmp_path: Path) -> None:
+    msg = error_of(tmp_path, SVC.replace("http://h:8000", "http://admin:s3cret@h:99999"))
+    assert "s3cret" not in msg and "credentials" in msg
 
 
 # --------------------------------------------------------------------------- only ConfigError ever escapes
@@ -594,8 +775,9 @@ def test_mutated_examples_raise_only_config_errors(tmp_path: Path, data: st.Data
 # --------------------------------------------------------------------------- documentation
 
 
-ALL_KEYS = sorted({*config._TOP_KEYS, *config._POLICY_KEYS, *config._CLASS_KEYS, *config._RESERVATION_KEYS,
-                   *config._MATCH_KEYS, *config._NODE_KEYS, *config._GPU_KEYS, *config._PARTITION_KEYS,
+ALL_KEYS = sorted({*config._TOP_KEYS, *config._POLICY_KEYS, *config._CLASS_KEYS, *cs._RESERVATION_KEYS,
+                   *cs._MATCH_KEYS, *cs._PROBE_KEYS, *cs._SERVICE_KEYS, *cs._CONTROLLER_KEYS,
+                   *config._NODE_KEYS, *config._GPU_KEYS, *config._PARTITION_KEYS,
                    *(key for keys in config._TABLE_KEYS.values() for key in keys)})
 
 

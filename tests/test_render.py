@@ -181,6 +181,7 @@ size = "12GiB"
 node = "g2"
 mode = "holder"
 match = { process = "ollama" }
+probe = { kind = "ollama", url = "http://127.0.0.1:11434" }
 """)
     assert render.plan_node(cfg.nodes[1], cfg).gres == "gpu:a100:1,shard:77"
 

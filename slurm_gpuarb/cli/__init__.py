@@ -71,3 +71,7 @@ def main() -> None:
     except UnicodeEncodeError:  # a terminal that cannot show the text: never a traceback
         sys.stderr.write("Error: the output could not be encoded for this terminal; set LANG=C.UTF-8\n")
         sys.exit(EXIT_ERROR)
+
+
+# Last, once the names above exist: registers `gpuarb services` and `gpuarb route` on the group in .commands.
+from . import services as _services  # noqa: E402,F401
