@@ -427,5 +427,6 @@ def test_only_privileged_uids_may_change_shards() -> None:
     for count in (20, 8):
         change = lua.ModifyRequest(1000, canonical, "shard", tres_per_node=f"gres:shard:{count}")
         assert not lua.decide_modify(t, change).allowed
-        assert lua.decide_modify(t, lua.ModifyRequest(0, canonical, "shard", tres_per_node=f"gres:shard:{count}")).allowed
+        as_root = lua.ModifyRequest(0, canonical, "shard", tres_per_node=f"gres:shard:{count}")
+        assert lua.decide_modify(t, as_root).allowed
     assert lua.decide_modify(t, lua.ModifyRequest(1000, canonical, "shard", gres="shard:12")).allowed
