@@ -2,6 +2,12 @@
 
     gpuarbd [--config PATH] [--socket PATH] [--nodes n1,n2,…] [--foreground]
             [--reconcile-every SECONDS] [--sample-every SECONDS] [--slurm auto|cli|pyslurm|none]
+    gpuarbd --role controller [--config PATH] [--foreground] [--interval SECONDS] [--slurm auto|cli|pyslurm]
+
+``--role controller`` runs the controller agent instead (:mod:`slurm_gpuarb.controller`), on the
+slurmctld host as root or SlurmUser: no socket (nothing asks it anything), a tick every
+``--interval`` seconds (default ``[controller] interval``, 15 s), its PID in
+``<state_dir>/gpuarbd-controller.pid``; start-up, detaching and SIGTERM work as for the node role.
 
 It keeps the ledger engine and telemetry open (the hooks' hot path is then one socket round trip),
 reconciles the ledger with Slurm and samples per-lease usage in the background (:mod:`.reconcile`),
@@ -48,7 +54,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
 from .. import logsink, protocol, wire
 from ..config import Config, load
@@ -380,10 +386,17 @@ def _positive(text: str) -> float:
 def _parser() -> argparse.ArgumentParser:
     env = os.environ.get
     ap = argparse.ArgumentParser(
-        prog="gpuarbd", description="The slurm-gpuarb node daemon: the lease protocol over a Unix socket.",
-        epilog="Example: gpuarbd --foreground --nodes n1,n2 --reconcile-every 30. Every option has an environment "
-               "twin (GPUARB_CONFIG, GPUARB_SOCKET, GPUARB_DAEMON_NODES, GPUARB_RECONCILE_EVERY, "
-               "GPUARB_SAMPLE_EVERY, GPUARB_SLURM).")
+        prog="gpuarbd", description="The slurm-gpuarb node daemon: the lease protocol over a Unix socket "
+                                    "(--role controller: the controller agent on the slurmctld host).",
+        epilog="Example: gpuarbd --foreground --nodes n1,n2 --reconcile-every 30; on the controller: gpuarbd --role "
+               "controller --interval 15. Every option has an environment twin (GPUARB_CONFIG, GPUARB_SOCKET, "
+               "GPUARB_DAEMON_NODES, GPUARB_RECONCILE_EVERY, GPUARB_SAMPLE_EVERY, GPUARB_SLURM, GPUARB_ROLE, "
+               "GPUARB_CONTROLLER_INTERVAL).")
+    ap.add_argument("--role", choices=("node", "controller"), default=env("GPUARB_ROLE") or "node",
+                    help="node: serve the lease protocol to the hooks (default); controller: shrink pending jobs, "
+                         "keep reservation holder jobs, reconcile the ledger cluster-wide")
+    ap.add_argument("--interval", metavar="SECONDS", type=_positive, default=env("GPUARB_CONTROLLER_INTERVAL"),
+                    help="controller role: seconds between ticks (default: [controller] interval, 15)")
     ap.add_argument("--config", metavar="PATH", help="config file (default /etc/slurm/gpuarb.toml)")
     ap.add_argument("--socket", metavar="PATH", help="Unix socket to serve (default: [daemon] socket)")
     ap.add_argument("--nodes", metavar="N1,N2", default=env("GPUARB_DAEMON_NODES"),
@@ -408,15 +421,35 @@ def _adapter(choice: str, cfg: Config) -> SlurmAdapter | None:
     return select_adapter("cli" if choice == "auto" else choice)
 
 
+class _Serving(Protocol):
+    """What :func:`_run` and :func:`_detach` run: the node :class:`Daemon` or the controller agent."""
+
+    def serve(self, on_ready: Callable[[], object] | None = None) -> None: ...
+
+
+def _controller(args: argparse.Namespace, cfg: Config) -> _Serving:
+    if args.slurm == "none":
+        raise ConfigError("the controller role acts on Slurm's jobs: --slurm none cannot work; use auto or cli")
+    from ..controller import Controller
+    from ..slurm import select_adapter
+
+    return Controller(cfg, slurm=select_adapter("cli" if args.slurm == "auto" else args.slurm),
+                      interval_s=args.interval if args.interval else None)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``gpuarbd`` console script."""
     args = _parser().parse_args(argv)
+    daemon: _Serving
     try:
         cfg = load(args.config, overrides={"socket_path": args.socket})
-        nodes = [n.strip() for n in (args.nodes or cfg.node).split(",") if n.strip()]
         logsink.configure(log_file=cfg.log_file)
-        daemon = Daemon(cfg, nodes=nodes, slurm=_adapter(args.slurm, cfg), reconcile_every=args.reconcile_every,
-                        sample_every=args.sample_every)
+        if args.role == "controller":
+            daemon = _controller(args, cfg)
+        else:
+            nodes = [n.strip() for n in (args.nodes or cfg.node).split(",") if n.strip()]
+            daemon = Daemon(cfg, nodes=nodes, slurm=_adapter(args.slurm, cfg), reconcile_every=args.reconcile_every,
+                            sample_every=args.sample_every)
     except GpuArbError as e:
         print(f"gpuarbd: error: {e}", file=sys.stderr)
         return 1
@@ -425,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _detach(daemon)
 
 
-def _run(daemon: Daemon, ready_fd: int | None) -> int:
+def _run(daemon: _Serving, ready_fd: int | None) -> int:
     ready = False
 
     def on_ready() -> None:
@@ -448,7 +481,7 @@ def _run(daemon: Daemon, ready_fd: int | None) -> int:
     return 0
 
 
-def _detach(daemon: Daemon) -> int:
+def _detach(daemon: _Serving) -> int:
     """Double-fork into the background; return once the daemon serves (0) or failed to start (1)."""
     sys.stdout.flush()
     sys.stderr.flush()

@@ -16,8 +16,9 @@ Choices made here:
   (unless the inputs already have one), so ``gpuarb explain`` can show what a refused job asked for.
   Inputs whose JSON exceeds :data:`MAX_INPUTS_CHARS` are replaced by a stub naming their keys.
 * Releasing or revoking an unknown lease id raises NotFoundError; one that already ended changes
-  nothing and writes no row. ``leases()`` and ``decisions()`` list oldest first; with ``limit``
-  they return the newest ``limit`` rows, still oldest first.
+  nothing and writes no row. The one exception is :meth:`Ledger.revoke_ended`: the controller agent
+  records that a released (or expired) lease was in truth preempted. ``leases()`` and ``decisions()``
+  list oldest first; with ``limit`` they return the newest ``limit`` rows, still oldest first.
 """
 
 from __future__ import annotations
@@ -431,6 +432,33 @@ class Ledger:
                                  lease_id=lease_id)
         return ended[0] if ended else None
 
+    def revoke_ended(self, lease_id: str, *, reason: str, plane: str = "agent", now: float | None = None,
+                     inputs: Mapping[str, Any] | None = None) -> Lease | None:
+        """Correct how a lease ended: one the Epilog *released* (or a reconcile *expired*) was in truth
+        taken back, because Slurm preempted and requeued its job (the Epilog cannot tell a preemption from
+        an ordinary end). The lease becomes ``revoked`` with ``reason``; its ``ended_at`` stays (the memory
+        was given back then), and one ``revoke`` decision row says why.
+
+        This is the one move between final states, and only this one (released | expired → revoked):
+        a live lease is revoked with :meth:`revoke`. Returns the corrected lease, or None when it is
+        not released or expired (still live, or already revoked: no row is written then).
+        NotFoundError when the ledger never had it.
+        """
+        ts = time.time() if now is None else now
+        ended = sa.and_(L.c.id == lease_id, L.c.state.in_((RELEASED, EXPIRED)))
+        with self._write(f"record lease {lease_id} as revoked") as conn:
+            row = conn.execute(sa.update(L).where(ended).values(state=REVOKED, end_reason=reason)
+                               .returning(*L.c)).first()
+            if row is not None:
+                lease = lease_from_tuple(row)
+                conn.execute(D.insert(), _row(
+                    ts, plane, "revoke", "revoke", lease.node, reason, lease_id=lease.id, job_id=lease.job_id,
+                    restart_count=lease.restart_count, prio=lease.prio, granted_mib=lease.vram_mib,
+                    inputs=_dumps(inputs)))
+                return lease
+        self.get(lease_id)  # NotFoundError when it never existed
+        return None
+
     def expire(self, now: float, *, node: str | None = None, plane: str = "agent") -> list[Lease]:
         """End every live lease (of ``node``, or all) whose TTL ran out by ``now``; a decision row each."""
         filters = ("expires_by", "node") if node is not None else ("expires_by",)
@@ -556,9 +584,14 @@ class Ledger:
         return int(key[0])
 
     def decisions(self, *, lease_id: str | None = None, job_id: str | None = None, node: str | None = None,
-                  limit: int | None = None) -> list[DecisionRecord]:
+                  limit: int | None = None, plane: str | None = None,
+                  action: str | None = None) -> list[DecisionRecord]:
         """Decision rows matching every filter given, oldest first (with ``limit``: the newest ``limit``)."""
         stmt = sa.select(D)
+        if plane is not None:
+            stmt = stmt.where(D.c.plane == plane)
+        if action is not None:
+            stmt = stmt.where(D.c.action == action)
         if lease_id is not None:
             stmt = stmt.where(D.c.lease_id == lease_id)
         if job_id is not None:

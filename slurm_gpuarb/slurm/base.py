@@ -3,8 +3,10 @@
 The daemon asks Slurm three kinds of question: which jobs exist (to reconcile the ledger:
 a lease whose job no longer runs on its node is expired), what a job asked for (its comment
 and its requested GRES, when the Prolog could not see them), and — for the health check and
-``gpuarb node resume`` — to drain or resume a node. :class:`SlurmAdapter` is that whole
-surface. Two adapters ship:
+``gpuarb node resume`` — to drain or resume a node. The controller agent (``gpuarbd --role
+controller``) also changes jobs: it shrinks a pending job's GRES (:meth:`SlurmAdapter.update_job`),
+and submits and cancels reservation holder jobs (:meth:`SlurmAdapter.submit`,
+:meth:`SlurmAdapter.cancel`). :class:`SlurmAdapter` is that whole surface. Two adapters ship:
 
 * ``cli`` (the default): ``squeue --json`` and ``scontrol`` through :mod:`slurm_gpuarb.subproc`,
   parsed by the JSON's version (openapi v0.0.38 of Slurm 22.05; data_parser v0.0.39–v0.0.42 of
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import importlib.util
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -32,8 +34,10 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "IDLE_STATES",
     "PYSLURM_ERROR",
+    "UPDATE_KEYS",
     "Factory",
     "JobInfo",
+    "JobNotPending",
     "SlurmAdapter",
     "SlurmError",
     "adapters",
@@ -54,6 +58,10 @@ IDLE_STATES: Final = frozenset({
     "DEADLINE", "OUT_OF_MEMORY", "REVOKED", "REQUEUE_HOLD", "RESV_DEL_HOLD", "SPECIAL_EXIT",
 })
 
+#: the job fields :meth:`SlurmAdapter.update_job` may change (``scontrol update JobId=X Key=Value``):
+#: a fixed table, so no caller can reach a field such as ``UserId`` or ``TimeLimit`` by accident
+UPDATE_KEYS: Final = frozenset({"Comment", "TresPerNode", "Gres", "Partition", "QOS"})
+
 PYSLURM_ERROR: Final = (
     "pyslurm has no release matching Slurm 22.05 (PyPI: 17.11, 18.8, 25.11; 25.11 refuses libslurm ≠ 25.11): "
     "use the default cli adapter"
@@ -62,6 +70,11 @@ PYSLURM_ERROR: Final = (
 
 class SlurmError(GpuArbError):
     """Slurm could not be asked, refused, or answered something this version cannot read."""
+
+
+class JobNotPending(SlurmError):
+    """A change that Slurm allows only on a pending job was asked of a job that has started (or ended)
+    meanwhile: Slurm answers "Job is no longer pending execution"."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +90,12 @@ class JobInfo:
     pending). ``comment`` is the raw ``--comment``; ``tres_per_node`` the raw per-node TRES
     request (``gres:shard:12`` in 22.05, ``gres/shard:12`` later) and ``gres_shards`` the shard
     count parsed from it (or from ``tres_per_job``), ``None`` for a job without shards.
-    ``uid`` is ``None`` only where the adapter could not know it.
+    ``uid`` is ``None`` only where the adapter could not know it. ``name`` is the job name
+    (``--job-name``). ``submit_time`` and ``start_time`` are Unix times, ``None`` when Slurm
+    has none; for a *pending* job ``start_time`` is Slurm's expected start, not a fact.
+    ``state_reason`` is why a pending job waits, as Slurm names it (``Resources``,
+    ``Priority``, ``BeginTime``, ``Dependency`` …), empty when Slurm gives none (it prints
+    ``None``).
     """
 
     job_id: str
@@ -91,6 +109,10 @@ class JobInfo:
     uid: int | None
     tres_per_node: str
     gres_shards: int | None
+    submit_time: float | None = None
+    start_time: float | None = None
+    state_reason: str = ""
+    name: str = ""
 
     @property
     def holds_allocation(self) -> bool:
@@ -109,7 +131,10 @@ class SlurmAdapter(ABC):
     through a shell: a node name or a drain reason is one argument.
 
     Subclasses implement :meth:`jobs`, :meth:`drain`, :meth:`resume` and :meth:`node_state`;
-    :meth:`running_on` has a default built on :meth:`jobs`.
+    :meth:`running_on` has a default built on :meth:`jobs`. The job-changing methods the
+    controller agent needs (:meth:`update_job`, :meth:`submit`, :meth:`cancel`) raise
+    :class:`SlurmError` unless an adapter implements them (the ``cli`` adapter does), so an
+    adapter that only reads keeps working.
     """
 
     #: the name it is selected by (``cli``, ``pyslurm``)
@@ -151,6 +176,31 @@ class SlurmAdapter(ABC):
 
         A node Slurm does not know raises :class:`SlurmError`.
         """
+
+    # The controller agent's writes. Not abstract: read-only adapters (and test doubles) need not care.
+
+    def update_job(self, job_id: str, **fields: str) -> None:
+        """Change fields of a job (``scontrol update JobId=X Comment=… TresPerNode=…``), all in one call.
+
+        Keys are from :data:`UPDATE_KEYS` (another key is a ``ValueError``: a caller's bug). Values
+        are passed as data, never through a shell. GRES can only change while the job is pending:
+        a job that started meanwhile raises :class:`JobNotPending`. Slurm runs job_submit.lua's
+        ``slurm_job_modify`` for the change, which lets root and SlurmUser shrink a job's GRES.
+        """
+        raise SlurmError(f"the {self.name} Slurm adapter cannot change jobs; use the cli adapter")
+
+    def submit(self, args: Sequence[str], script: str) -> str:
+        """Submit a batch job (``sbatch --parsable ARGS`` with ``script`` on stdin); returns its job id.
+
+        ``args`` are sbatch options, one argv element each. A refusal (job_submit.lua's message,
+        an unknown partition) raises :class:`SlurmError` carrying Slurm's own words.
+        """
+        raise SlurmError(f"the {self.name} Slurm adapter cannot submit jobs; use the cli adapter")
+
+    def cancel(self, job_id: str) -> None:
+        """Cancel a job (``scancel``). A job that has already ended, or that Slurm no longer knows, is
+        not an error: the caller wanted it gone."""
+        raise SlurmError(f"the {self.name} Slurm adapter cannot cancel jobs; use the cli adapter")
 
 
 # --------------------------------------------------------------------------- registry

@@ -17,6 +17,12 @@ Facts this module is built on (measured on Debian 12's Slurm 22.05.8, see tests/
 * ``scontrol update NodeName=N State=DRAIN Reason=<text>`` takes the reason as one argument:
   spaces, quotes and ``$(…)`` reach slurmctld verbatim. ``State=RESUME`` on a node that is
   not drained fails with "Invalid node state specified".
+* ``scontrol update JobId=X TresPerNode=gres:shard:6 Comment=…`` changes a pending job (one
+  argument per field, the comment with its spaces); on a job that has started it fails with
+  "Job is no longer pending execution" (SLURM-LAB.md). ``sbatch --parsable`` prints ``ID`` or
+  ``ID;CLUSTER``; job_submit.lua's refusal reaches its stderr as ``sbatch: error: gpuarb: …``.
+* Times (``submit_time``, ``start_time``) are plain integers in 22.05 and ``{set, infinite,
+  number}`` later; 0 means "not set" in both. ``state_reason`` is ``"None"`` when there is none.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ from typing import Final
 
 from .. import subproc
 from ..config import NAME_RE, expand_hostlist
-from .base import DEFAULT_BIN_DIR, DEFAULT_TIMEOUT, JobInfo, SlurmAdapter, SlurmError
+from .base import DEFAULT_BIN_DIR, DEFAULT_TIMEOUT, UPDATE_KEYS, JobInfo, JobNotPending, SlurmAdapter, SlurmError
 
 __all__ = [
     "SQUEUE_ARGS",
@@ -63,6 +69,10 @@ _BASE_STATES: Final = ("PENDING", "RUNNING", "SUSPENDED", "COMPLETED", "CANCELLE
 _VERSION_RE: Final = re.compile(r"v[0-9]+\.[0-9]+\.[0-9]+$", re.ASCII)
 _STATE_RE: Final = re.compile(r"(?:^|\s)State=(\S+)")
 _CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]+")
+_JOB_ID_RE: Final = re.compile(r"[0-9]{1,10}(?:_[0-9]{1,10})?", re.ASCII)  # 42, or an array task 42_3
+_PARSABLE_RE: Final = re.compile(r"([0-9]{1,10})(?:;\S*)?", re.ASCII)
+# scancel's answers for a job that is already gone: what the caller wanted, so not an error
+_GONE: Final = ("Invalid job id specified", "already completing or completed", "Job/step already completing")
 _SNIPPET = 80  # characters of unreadable output quoted in an error
 
 
@@ -206,7 +216,21 @@ def _job(raw: object, fmt: str) -> JobInfo:
         uid=_number(raw, "user_id", fmt, jid),
         tres_per_node=tres_per_node,
         gres_shards=shards,
+        submit_time=_time(raw, "submit_time", fmt, jid),
+        start_time=_time(raw, "start_time", fmt, jid),
+        state_reason=_reason(_text(raw, "state_reason", fmt, jid)),
+        name=_text(raw, "name", fmt, jid),
     )
+
+
+def _time(raw: Mapping[str, object], key: str, fmt: str, jid: str) -> float | None:
+    """A Unix time; 0 (Slurm's "not set") and unset/infinite → None."""
+    value = _number(raw, key, fmt, jid)
+    return float(value) if value else None
+
+
+def _reason(text: str) -> str:
+    return "" if text == "None" else text
 
 
 def _number(raw: Mapping[str, object], key: str, fmt: str, jid: str) -> int | None:
@@ -274,6 +298,8 @@ class CliSlurmAdapter(SlurmAdapter):
         base = bin_dir.rstrip("/")
         self.squeue = f"{base}/squeue"
         self.scontrol = f"{base}/scontrol"
+        self.sbatch = f"{base}/sbatch"
+        self.scancel = f"{base}/scancel"
         self.timeout = timeout
 
     @property
@@ -311,7 +337,68 @@ class CliSlurmAdapter(SlurmAdapter):
         out = self._run((self.scontrol, "show", "node", "-o", _checked(node)), f"read the state of node {node}")
         return parse_node_state(out.stdout, node)
 
+    def update_job(self, job_id: str, **fields: str) -> None:
+        jid = _checked_job(job_id)
+        if not fields:
+            raise ValueError("update_job() needs at least one field")
+        settings = []
+        for key, value in fields.items():
+            if key not in UPDATE_KEYS:
+                raise ValueError(f"update_job() cannot change {key!r}; allowed: {', '.join(sorted(UPDATE_KEYS))}")
+            if _CONTROL_RE.search(value):
+                raise SlurmError(f"job {jid}: the new {key} holds control characters; Slurm would store them verbatim")
+            settings.append(f"{key}={value}")
+        argv = (self.scontrol, "update", f"JobId={jid}", *settings)
+        what = f"update job {jid} ({', '.join(fields)})"
+        try:
+            subproc.run(argv, timeout=self.timeout)
+        except subproc.CommandFailed as e:
+            said = e.stderr + e.stdout
+            if "no longer pending" in said:
+                raise JobNotPending(f"could not {what}: the job is no longer pending (it started or ended "
+                                    f"meanwhile); Slurm changes GRES of pending jobs only") from e
+            raise self._job_error(e, what, jid) from e
+        except subproc.SubprocessError as e:
+            raise self._error(e, what) from e
+
+    def submit(self, args: Sequence[str], script: str) -> str:
+        argv = (self.sbatch, "--parsable", *args)
+        try:
+            out = subproc.run(argv, timeout=self.timeout, input=script).stdout
+        except subproc.CommandFailed as e:
+            said = (e.stderr or e.stdout).strip()
+            if "Unable to contact slurm controller" in said:
+                raise self._error(e, "submit a job") from e
+            # sbatch's own words name the problem (job_submit.lua's "gpuarb: …", a bad partition): keep them.
+            raise SlurmError(f"Slurm refused the job: {_snippet(said)}") from e
+        except subproc.SubprocessError as e:
+            raise self._error(e, "submit a job") from e
+        m = _PARSABLE_RE.fullmatch(out.strip())
+        if m is None:
+            raise SlurmError(f"sbatch --parsable printed {_snippet(out)}, not a job id")
+        return m.group(1)
+
+    def cancel(self, job_id: str) -> None:
+        jid = _checked_job(job_id)
+        try:
+            subproc.run((self.scancel, jid), timeout=self.timeout)
+        except subproc.CommandFailed as e:
+            if any(g in e.stderr + e.stdout for g in _GONE):
+                return
+            raise self._job_error(e, f"cancel job {jid}", jid) from e
+        except subproc.SubprocessError as e:
+            raise self._error(e, f"cancel job {jid}") from e
+
     # ----------------------------------------------------------------- helpers
+
+    def _job_error(self, e: subproc.CommandFailed, what: str, jid: str) -> SlurmError:
+        said = e.stderr + e.stdout
+        if "Invalid job id" in said:
+            return SlurmError(f"could not {what}: Slurm does not know job {jid} (it ended long ago?)")
+        if "permission denied" in said.lower() or "Access/permission" in said:
+            return SlurmError(f"could not {what}: Slurm refused; only root or SlurmUser may change other users' jobs, "
+                              f"and job_submit.lua's modify hook lets only its privileged uids change GRES")
+        return self._error(e, what)
 
     def _update(self, node: str, *settings: str) -> tuple[str, ...]:
         return (self.scontrol, "update", f"NodeName={_checked(node)}", *settings)
@@ -347,6 +434,14 @@ def _checked(node: str) -> str:
     if NAME_RE.fullmatch(node) is None:
         raise SlurmError(f"{node[:40]!r} is not a Slurm node name (expected {NAME_RE.pattern})")
     return node
+
+
+def _checked_job(job_id: str) -> str:
+    # One argv element either way; the pattern keeps "JobId=1 UserId=0" or "-x" out of scontrol's reach.
+    jid = str(job_id)
+    if _JOB_ID_RE.fullmatch(jid) is None:
+        raise SlurmError(f"{jid[:40]!r} is not a Slurm job id (expected digits, or an array task such as 42_3)")
+    return jid
 
 
 def _drained(state: str) -> bool:

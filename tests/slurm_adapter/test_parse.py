@@ -35,7 +35,8 @@ def doc(jobs: list[dict[str, Any]], *, fmt: str = "data_parser/v0.0.42") -> str:
 def test_2205_running_shard_job() -> None:
     job = jobs_of("squeue-22.05-mixed.json")["5"]
     assert job == JobInfo(job_id="5", state="RUNNING", restart_count=0, nodes=("n2",), comment="gpuarb: vram=2GiB",
-                          partition="shard", qos="", user="root", uid=0, tres_per_node="gres:shard:4", gres_shards=4)
+                          partition="shard", qos="", user="root", uid=0, tres_per_node="gres:shard:4", gres_shards=4,
+                          submit_time=1795446986.0, start_time=1795446986.0, state_reason="", name="wrap")
     assert job.holds_allocation
 
 
@@ -265,3 +266,42 @@ def test_node_state_ignores_state_words_inside_the_reason() -> None:
 def test_node_state_of_another_or_no_node(text: str) -> None:
     with pytest.raises(SlurmError, match="printed no line for node n2"):
         parse_node_state(text, "n2")
+
+
+# --------------------------------------------------------------------------- times, reason and name
+
+
+def test_2205_pending_job_times_reason_and_name() -> None:
+    jobs = jobs_of("squeue-22.05-mixed.json")
+    pending = jobs["9"]
+    assert (pending.state, pending.state_reason, pending.name) == ("PENDING", "Resources", "wrap")
+    assert pending.submit_time == 1795446986.0
+    assert pending.start_time == 1826982995.0  # Slurm's expected start, a year ahead: not a fact
+    assert jobs["6"].state_reason == "BeginTime"  # requeued: held for cred_expire first
+    running = jobs["7"]
+    assert (running.submit_time, running.start_time, running.state_reason) == (1795446986.0, 1795446994.0, "")
+
+
+@pytest.mark.parametrize("name", SAME_JOBS[1:])
+def test_newer_shapes_read_times_and_reasons_like_2205(name: str) -> None:
+    old, new = jobs_of(SAME_JOBS[0]), jobs_of(name)
+    for jid, job in new.items():
+        assert (job.submit_time, job.start_time, job.state_reason, job.name) == \
+            (old[jid].submit_time, old[jid].start_time, old[jid].state_reason, old[jid].name), jid
+
+
+def test_unset_zero_and_infinite_times_are_none() -> None:
+    [a, b, c] = parse_squeue_json(doc([
+        {"job_id": 1, "job_state": ["PENDING"], "start_time": {"set": False, "infinite": False, "number": 0}},
+        {"job_id": 2, "job_state": ["PENDING"], "start_time": {"set": True, "infinite": True, "number": 0},
+         "submit_time": {"set": True, "infinite": False, "number": 0}},
+        {"job_id": 3, "job_state": "PENDING", "submit_time": 1795446986, "state_reason": "Priority"},
+    ]))
+    assert (a.start_time, a.submit_time, a.state_reason, a.name) == (None, None, "", "")
+    assert (b.start_time, b.submit_time) == (None, None)
+    assert (c.submit_time, c.state_reason) == (1795446986.0, "Priority")
+
+
+def test_a_time_that_is_not_a_number_names_job_and_field() -> None:
+    with pytest.raises(SlurmError, match=r"job 4 .*submit_time"):
+        parse_squeue_json(doc([{"job_id": 4, "job_state": "PENDING", "submit_time": "yesterday"}]))
