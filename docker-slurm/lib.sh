@@ -302,4 +302,21 @@ call(sys.argv[1], {"v": 1, "op": "ping"}, timeout=1.0)' "$(gpuarbd_socket)"; the
 }
 
 # gpuarbd_socket: where write_gpuarb_toml put the daemon's socket.
+# start_controller GPUARBD_BIN: the controller agent (gpuarbd --role controller), once; its pid in
+# $D/run/gpuarbd-controller.pid (native-down stops it). Ready when it logs that it runs.
+start_controller() {
+  local bin=$1 pid
+  if alive "$D/run/gpuarbd-controller.pid" gpuarbd; then return 0; fi
+  rm -f "$D/run/gpuarbd-controller.pid"
+  env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 GPUARB_CONFIG="$D/etc/gpuarb.toml" \
+    setsid "$bin" --role controller --foreground --config "$D/etc/gpuarb.toml" \
+      --interval "${GPUARB_CONTROLLER_INTERVAL:-2}" </dev/null >> "$D/log/gpuarbd-controller.out" 2>&1 &
+  pid=$!
+  echo "$pid" > "$D/run/gpuarbd-controller.pid"
+  if ! waitfor 100 grep -q "gpuarbd-controller: running pid=$pid" "$D/log/gpuarb.log"; then
+    tail -20 "$D/log/gpuarbd-controller.out" >&2 || true
+    die "the controller agent (pid $pid) did not start (log: $D/log/gpuarbd-controller.out)"
+  fi
+}
+
 gpuarbd_socket() { echo "$D/state/run/gpuarb.sock"; }

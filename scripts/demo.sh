@@ -13,7 +13,7 @@ if [ "${DEMO_CLUSTER:-1}" = 1 ]; then
   echo
   echo "== The test cluster: 4 slurmd on loopback (n1 8x H100 whole GPUs, n2 RTX 3090 Ti in 512MiB shards,"
   echo "   n3 H100 as 7x 1g.10gb MIG, n4 CPU), gpuarbd, the real Prolog/TaskProlog/Epilog"
-  bash docker-slurm/native-up
+  GPUARB_CLUSTER_CONTROLLER=1 bash docker-slurm/native-up
   bash docker-slurm/scenario
   echo
   echo "The cluster is still up: try sbatch --comment 'gpuarb: vram=6GiB prio=batch' --gres=gpu:1 --wrap 'env | grep GPUARB'"
