@@ -14,6 +14,17 @@ A process is attributed at most once, to a lease first, then to a reservation. A
 holds max(declared size, observed usage), so an Ollama reserved at 12 GiB and using 10.8 GiB
 is counted once, as 12 GiB.
 
+A *holder-mode* reservation (``mode = "holder"``) is held in Slurm by the controller's holder job
+while its service is up, so it is never counted at its declared size here:
+
+- while a live lease of that node *holds* it on its GPU (``Lease.holds``: the holder job's lease,
+  recorded by the daemon), the reservation has no tenant of its own and the processes its matcher
+  recognises count in that lease's observed usage (the lease's tenant has ``reservation`` set);
+- otherwise (the holder was cancelled, or has not started yet) it is a tenant of size 0: only what
+  its processes use counts, and the rest of its declared size is leasable to batch.
+
+Static reservations always count at max(declared, observed).
+
 Process details (name, uid, user, Slurm job) come from the telemetry record when it has them
 (the fake backend fills them in) and otherwise from a :class:`ProcReader`, asked lazily and
 at most once per PID per call: on a real host that means reading ``/proc``.
@@ -247,18 +258,25 @@ class _Acc:
         self.pids.append(rec.pid)
 
 
-def _lease_label(lease: Lease) -> str:
+def _lease_label(lease: Lease, holds: str | None = None) -> str:
     if lease.job_id is not None:
-        return f"job={lease.job_id}" + (f" restart={lease.restart_count}" if lease.restart_count else "")
-    if lease.pid is not None:
-        return f"pid={lease.pid}"
-    return ""
+        label = f"job={lease.job_id}" + (f" restart={lease.restart_count}" if lease.restart_count else "")
+    elif lease.pid is not None:
+        label = f"pid={lease.pid}"
+    else:
+        label = ""
+    if holds is None:
+        return label
+    return f"{label} holds={holds}" if label else f"holds={holds}"
 
 
 def _matcher_label(matcher: Matcher) -> str:
     fields = (("process", matcher.process), ("user", matcher.user), ("pidfile", matcher.pidfile))
     return " ".join(f"{k}={v}" for k, v in fields if v is not None) or "fixed size"
 
+
+#: the label prefix of a holder-mode reservation's tenant while no holder job holds it
+UNHELD_LABEL = "holder mode, no holder job"
 
 UNATTRIBUTED = "unattributed"
 #: Memory in use that no listed process accounts for, below which it is rounding and per-context
@@ -285,6 +303,8 @@ def build_gpu_states(
     leases: Sequence[Lease],
     margin_mib: int,
     proc_reader: ProcReader | None = None,
+    *,
+    holding: str | None = None,
 ) -> list[GpuState]:
     """One :class:`GpuState` per GPU of ``node``, in the order of ``gpus``.
 
@@ -292,7 +312,11 @@ def build_gpu_states(
     tenant on each of them. Processes are attributed to a lease by the lease's PID
     (host plane) or Slurm job id (the process's own ``job_id`` or its cgroup), then to the
     first reservation whose matcher recognises them; the rest are foreign. Reservations with
-    ``node=None`` apply to every node. ``proc_reader`` defaults to reading ``/proc``; pass
+    ``node=None`` apply to every node. A holder-mode reservation is counted as the module
+    docstring says (in its holder's lease, else at size 0). ``holding``: the name of a
+    holder-mode reservation that the request being decided will hold (a holder job's Prolog):
+    unless a live lease already holds it, it gets no tenant and its processes count nowhere,
+    since the requested size covers them. ``proc_reader`` defaults to reading ``/proc``; pass
     :func:`no_proc_reader` for fake telemetry. Runs in O(GPUs + leases + processes ×
     reservations-per-GPU).
     """
@@ -303,6 +327,8 @@ def build_gpu_states(
     lease_slots: dict[int, list[tuple[Lease, _Acc]]] = {i: [] for i in present}
     by_pid: dict[tuple[int, int], _Acc] = {}
     by_job: dict[tuple[str, int], _Acc] = {}
+    # (reservation name, GPU) → the accumulator of the first live lease holding it there (Lease.holds).
+    holders: dict[tuple[str, int], _Acc] = {}
     seen_leases: set[str] = set()
     for lease in leases:
         if lease.state is not LeaseState.GRANTED or lease.node != node or lease.id in seen_leases:
@@ -313,6 +339,8 @@ def build_gpu_states(
                 continue
             acc = _Acc()
             lease_slots[index].append((lease, acc))
+            if lease.holds is not None:
+                holders.setdefault((lease.holds, index), acc)
             # The first lease wins a shared key (deterministic; two live leases of one job on one
             # GPU would be a ledger bug, and the arbiter then sees the others at their size).
             if lease.pid is not None:
@@ -320,7 +348,11 @@ def build_gpu_states(
             if lease.job_id is not None:
                 by_job.setdefault((lease.job_id, index), acc)
 
-    res_slots: dict[int, list[tuple[Reservation, _Acc, int | None]]] = {i: [] for i in present}
+    # Per GPU: (reservation, where its processes count, their pidfile's PID, how it is counted: "static" at
+    # max(declared, observed), "unheld" at what its processes use, "held" not at all: a lease or the
+    # request being decided holds it).
+    res_slots: dict[int, list[tuple[Reservation, _Acc, int | None, str]]] = {i: [] for i in present}
+    held_by: set[int] = set()  # id() of the holder leases' accumulators, to mark those leases' tenants
     pidfiles: dict[str, int | None] = {}
     for r in reservations:
         if r.gpu not in present or (r.node is not None and r.node != node):
@@ -330,7 +362,18 @@ def build_gpu_states(
             if r.match.pidfile not in pidfiles:
                 pidfiles[r.match.pidfile] = _read_pidfile(r.match.pidfile)
             pid = pidfiles[r.match.pidfile]
-        res_slots[r.gpu].append((r, _Acc(), pid))
+        how = "static"
+        acc = _Acc()
+        if r.mode == "holder":
+            holder = holders.get((r.name, r.gpu))
+            if holder is not None:
+                acc, how = holder, "held"
+                held_by.add(id(holder))
+            elif holding == r.name:
+                how = "held"  # the request's size covers its processes: they count nowhere
+            else:
+                how = "unheld"
+        res_slots[r.gpu].append((r, acc, pid, how))
 
     # NVML may list one PID twice on a GPU (as a compute and as a graphics process) with the
     # same process-wide usage: keep one record, the larger, so it is not counted twice.
@@ -355,7 +398,7 @@ def build_gpu_states(
             if job is not None:
                 owner = by_job.get((job, index))
         if owner is None:
-            for r, racc, pidfile_pid in res_slots[index]:
+            for r, racc, pidfile_pid, _ in res_slots[index]:
                 if _matches(r.match, proc, pidfile_pid):
                     owner = racc
                     break
@@ -376,6 +419,7 @@ def build_gpu_states(
 
     states: list[GpuState] = []
     for gpu in gpus:
+        # Only a lease a holder-mode reservation here counts in is marked (a stale or foreign claim is not).
         tenants = [
             Tenant(
                 kind=TenantKind.LEASE,
@@ -386,22 +430,27 @@ def build_gpu_states(
                 prio=lease.prio,
                 priority=lease.priority,
                 preemptible=lease.preemptible,
-                label=_lease_label(lease),
+                label=_lease_label(lease, holds),
                 mig_uuid=lease.mig_uuid,
+                reservation=holds,
             )
             for lease, acc in lease_slots[gpu.index]
+            for holds in (lease.holds if held_by and id(acc) in held_by else None,)
         ]
-        tenants.extend(
-            Tenant(
+        for r, acc, _, how in res_slots[gpu.index]:
+            if how == "held":
+                continue
+            unheld = how == "unheld"
+            label = _matcher_label(r.match)
+            tenants.append(Tenant(
                 kind=TenantKind.RESERVATION,
                 id=r.name,
-                size_mib=r.size_mib,
+                size_mib=0 if unheld else r.size_mib,
                 observed_mib=acc.observed,
                 pids=tuple(acc.pids),
-                label=_matcher_label(r.match),
-            )
-            for r, acc, _ in res_slots[gpu.index]
-        )
+                label=f"{UNHELD_LABEL}: {label}" if unheld else label,
+                reservation=r.name if unheld else None,
+            ))
         tenants.extend(sorted(foreign[gpu.index], key=lambda t: t.pids))
         hidden = _unattributed_mib(gpu, seen_mib.get(gpu.index, 0))
         if hidden:
@@ -417,6 +466,9 @@ def describe_state(state: GpuState) -> dict[str, Any]:
     explanation never has to recompute them with today's code. The shape is the arbiter's
     ``{"node", "index", "uuid", "name", "total_mib", "reserved_mib", "margin_mib", "usable_mib",
     "held_mib", "free_mib", "tenants": [...]}`` plus a few fields for people (sku, used, priority).
+    A tenant that accounts for a holder-mode reservation carries ``"reservation": NAME`` (a lease:
+    the holder job's lease holding it; a reservation: itself, held by no holder job, counted at
+    what its processes use); other tenants have no such key.
     """
     held = 0
     tenants: list[dict[str, Any]] = []
@@ -424,21 +476,22 @@ def describe_state(state: GpuState) -> dict[str, Any]:
         # Tenant.held_mib and GpuState.held_mib inlined: one pass, this runs on every decision.
         t_held = t.size_mib if t.size_mib >= t.observed_mib else t.observed_mib
         held += t_held
-        tenants.append(
-            {
-                "kind": t.kind.value,
-                "id": t.id,
-                "size_mib": t.size_mib,
-                "observed_mib": t.observed_mib,
-                "held_mib": t_held,
-                "pids": list(t.pids),
-                "prio": t.prio,
-                "priority": t.priority,
-                "preemptible": t.preemptible,
-                "label": t.label,
-                "mig_uuid": t.mig_uuid,
-            }
-        )
+        snap: dict[str, Any] = {
+            "kind": t.kind.value,
+            "id": t.id,
+            "size_mib": t.size_mib,
+            "observed_mib": t.observed_mib,
+            "held_mib": t_held,
+            "pids": list(t.pids),
+            "prio": t.prio,
+            "priority": t.priority,
+            "preemptible": t.preemptible,
+            "label": t.label,
+            "mig_uuid": t.mig_uuid,
+        }
+        if t.reservation is not None:
+            snap["reservation"] = t.reservation
+        tenants.append(snap)
     gpu = state.gpu
     usable = state.usable_mib
     return {

@@ -136,17 +136,37 @@ def _tenants(gpus: Sequence[Mapping[str, Any]]) -> list[tuple[int, Mapping[str, 
     return [(_int(g, "index"), t) for g in gpus for t in g.get("tenants", ())]
 
 
+def _label_job(label: str) -> str | None:
+    """The job id in a lease tenant's label (``job=42 holds=ollama``), if it names one."""
+    for token in label.split():
+        if token.startswith("job="):
+            return token[4:] or None
+    return None
+
+
+def _reservation_text(i: int, t: Mapping[str, Any], many: bool) -> str:
+    on = f" on GPU {i}" if many else ""
+    seen = _int(t, "observed_mib")
+    held_for = t.get("reservation")
+    if t.get("kind") == TenantKind.LEASE:  # a holder job's lease holding a holder-mode reservation
+        job = _label_job(str(t.get("label") or ""))
+        of_job = f" of job {job}" if job else ""
+        return (f"reservation {held_for}{on} (holder mode) held by lease {t.get('id')}{of_job}, its processes "
+                f"counted in that lease ({human_size(_int(t, 'held_mib'))})")
+    if held_for:
+        return (f"reservation {t.get('id')}{on} (holder mode): no holder job — counts only what its processes use "
+                f"({human_size(seen)})")
+    size, held = _int(t, "size_mib"), _int(t, "held_mib")
+    use = f"its processes used {human_size(seen)}" if seen else "its processes used nothing"
+    return f"{t.get('id')}{on}, declared {human_size(size)}, {use}, counted once as {human_size(held)}"
+
+
 def _reservations(tenants: list[tuple[int, Mapping[str, Any]]], many: bool) -> str:
-    res = [(i, t) for i, t in tenants if t.get("kind") == TenantKind.RESERVATION]
+    res = [(i, t) for i, t in tenants
+           if t.get("kind") == TenantKind.RESERVATION or (t.get("kind") == TenantKind.LEASE and t.get("reservation"))]
     if not res:
         return "Nothing was reserved."
-    parts = []
-    for i, t in res:
-        on = f" on GPU {i}" if many else ""
-        size, seen, held = _int(t, "size_mib"), _int(t, "observed_mib"), _int(t, "held_mib")
-        use = f"its processes used {human_size(seen)}" if seen else "its processes used nothing"
-        parts.append(f"{t.get('id')}{on}, declared {human_size(size)}, {use}, counted once as {human_size(held)}")
-    return "Reserved: " + "; ".join(parts) + "."
+    return "Reserved: " + "; ".join(_reservation_text(i, t, many) for i, t in res) + "."
 
 
 def _leases(tenants: list[tuple[int, Mapping[str, Any]]]) -> str:
@@ -217,6 +237,9 @@ def _paragraph(*, outcome: str, reason: str, inputs: Mapping[str, Any], requeste
         tenants = _tenants(gpus)
         many = len(gpus) > 1
         out.append(_reservations(tenants, many))
+        if inputs.get("holds"):
+            out.append(f"It is the holder job of reservation {inputs['holds']} (holder mode): that reservation's "
+                       "processes count inside this lease, not on top of it.")
         out.append(_leases(tenants))
         foreign = _foreign(tenants, many)
         if foreign:

@@ -272,6 +272,9 @@ class Lease:
     expires_at: float | None = None
     ended_at: float | None = None
     end_reason: str | None = None
+    # The holder-mode reservation this lease holds (the controller's holder job for it: its processes
+    # count in this lease, not twice). Set by the daemon only for a privileged job on that GPU.
+    holds: str | None = None
 
 
 @dataclass(frozen=True)
@@ -292,6 +295,10 @@ class Tenant:
     preemptible: bool = False
     label: str = ""  # process name / user, for explanations
     mig_uuid: str | None = None  # the MIG instance it occupies, on a MIG-enabled GPU
+    # The holder-mode reservation this tenant accounts for: on a LEASE tenant, the one its holder job
+    # holds (the reservation's processes are in its observed usage); on the reservation's own
+    # RESERVATION tenant while no holder job holds it (size 0: only what its processes use).
+    reservation: str | None = None
 
     @property
     def held_mib(self) -> int:
@@ -338,6 +345,7 @@ class Request:
     pinned: tuple[int, ...] = ()
     pinned_mig_uuid: str | None = None
     preempt: bool = True
+    holds: str | None = None  # the holder-mode reservation the new lease will hold (Lease.holds)
 
 
 @dataclass(frozen=True)

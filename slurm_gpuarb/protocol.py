@@ -427,6 +427,7 @@ def lease_from_json(d: Any) -> model.Lease:
         expires_at=r.opt_number("expires_at"),
         ended_at=r.opt_number("ended_at"),
         end_reason=r.opt_text("end_reason"),
+        holds=r.opt_text("holds"),
     )
 
 

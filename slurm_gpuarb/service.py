@@ -98,7 +98,8 @@ class Arbitration:
                      pinned_mig_uuid: str | None = None, preempt: bool = True, job_id: str | None = None,
                      restart_count: int = 0, pid: int | None = None, owner_uid: int | None = None,
                      plane: str = "host", now: float | None = None, gpus: Sequence[GpuInfo] | None = None,
-                     context: Mapping[str, Any] | None = None) -> tuple[Decision, Lease | None]:
+                     context: Mapping[str, Any] | None = None,
+                     holds: str | None = None) -> tuple[Decision, Lease | None]:
         """Ask for a lease from a spec already parsed, checked and given its TTL (the daemon sizes a
         Slurm job's spec from its allocation; :meth:`request` parses a user's text first).
 
@@ -106,7 +107,9 @@ class Arbitration:
         Prolog pins the GPUs Slurm gave and never preempts). ``gpus`` is a telemetry reading the caller
         has just made, reused rather than read twice; processes are always read here. ``context``
         (JSON-serialisable: how the Prolog sized the lease from Slurm's allocation) is stored with the
-        decision's inputs under ``"slurm"``, for ``gpuarb explain``.
+        decision's inputs under ``"slurm"``, for ``gpuarb explain``. ``holds``: the holder-mode reservation
+        the new lease will hold (a holder job's Prolog; the daemon checked the claim): the lease records it,
+        and the request is decided with that reservation's processes inside its own size, not on top.
         """
         specmod.check_classes(spec, self.cfg.policy.classes)
         if gpus is None:
@@ -115,17 +118,20 @@ class Arbitration:
         reservations = reservations_for(self.cfg, self.node)
         req = Request(spec=spec, node=self.node, now=time.time() if now is None else now, gpu=gpu,
                       job_id=job_id, restart_count=restart_count, owner_uid=owner_uid, pid=pid,
-                      pinned=pinned, pinned_mig_uuid=pinned_mig_uuid, preempt=preempt)
+                      pinned=pinned, pinned_mig_uuid=pinned_mig_uuid, preempt=preempt, holds=holds)
         policy = self.cfg.policy
 
         reader = self._proc_reader()
 
         def decide(live: Sequence[Lease]) -> Decision:
             states = capacity.build_gpu_states(self.node, gpus, procs, reservations, live, policy.margin_mib,
-                                               proc_reader=reader)
+                                               proc_reader=reader, holding=holds)
             decision = arbiter.decide(req, states, policy)
-            if context:
-                decision = replace(decision, inputs={**decision.inputs, "slurm": dict(context)})
+            if context or holds:
+                extra: dict[str, Any] = {"slurm": dict(context)} if context else {}
+                if holds:
+                    extra["holds"] = holds
+                decision = replace(decision, inputs={**decision.inputs, **extra})
             return decision
 
         return self.ledger.acquire(req, decide, spec_text=specmod.format_spec(spec), plane=plane)

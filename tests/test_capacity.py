@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from slurm_gpuarb.capacity import (
+    UNHELD_LABEL,
     LinuxProcReader,
     ProcInfo,
     build_gpu_states,
@@ -17,7 +18,7 @@ from slurm_gpuarb.capacity import (
     matcher_matches,
     no_proc_reader,
 )
-from slurm_gpuarb.model import GpuInfo, GpuProcess, Lease, LeaseState, Matcher, Reservation, TenantKind
+from slurm_gpuarb.model import GpuInfo, GpuProcess, Lease, LeaseState, Matcher, Probe, Reservation, TenantKind
 
 GIB = 1024
 NODE = "n1"
@@ -45,6 +46,7 @@ def lease(
     node: str = NODE,
     state: LeaseState = LeaseState.GRANTED,
     mig_uuid: str | None = None,
+    holds: str | None = None,
 ) -> Lease:
     return Lease(
         id=lid,
@@ -59,6 +61,7 @@ def lease(
         job_id=job,
         pid=pid,
         mig_uuid=mig_uuid,
+        holds=holds,
     )
 
 
@@ -91,6 +94,9 @@ class FakeProcReader:
 
 
 OLLAMA = Reservation(name="ollama", size_mib=12 * GIB, gpu=0, match=Matcher(process="ollama"))
+# The same Ollama held by the controller's holder job while it is up (mode = "holder").
+HELD_OLLAMA = Reservation(name="ollama", size_mib=12 * GIB, gpu=0, node=NODE, match=Matcher(process="ollama"),
+                          mode="holder", probe=Probe(kind="ollama", url="http://127.0.0.1:11434"))
 
 
 # --------------------------------------------------------------------------- cgroup
@@ -447,3 +453,103 @@ def test_memory_used_by_no_visible_process_is_held_as_unattributed() -> None:
     small = GpuInfo(index=0, uuid="GPU-x", name="X", total_mib=24564, reserved_mib=354, used_mib=11059 + 40)
     (state,) = build_gpu_states("n1", [small], [proc], [], [], 1024, proc_reader=no_proc_reader)
     assert all(t.id != UNATTRIBUTED for t in state.tenants)
+
+
+# --------------------------------------------------------------------------- holder-mode reservations
+
+
+def holder_lease(lid: str = "LH", vram: int = 12 * GIB, *, gpus: tuple[int, ...] = (0,), job: str = "42",
+                 holds: str | None = "ollama") -> Lease:
+    """The lease of the controller's holder job, as the daemon records it (llm, not preemptible)."""
+    return Lease(id=lid, node=NODE, gpus=gpus, vram_mib=vram, prio="llm", priority=1000, preemptible=False,
+                 state=LeaseState.GRANTED, created_at=0.0, job_id=job, holds=holds)
+
+
+OLLAMA_PROC = proc(900, 11059, name="ollama", user="ollama", uid=999)
+
+
+def test_holder_reservation_held_by_its_lease_counts_once_inside_that_lease() -> None:
+    leases = [holder_lease(), lease("w1", 4608, job="21")]
+    procs = [OLLAMA_PROC, proc(1001, 4000, job="21")]
+    (state,) = build_gpu_states(NODE, [gpu()], procs, [HELD_OLLAMA], leases, GIB, proc_reader=no_proc_reader)
+    assert [(t.kind, t.id) for t in state.tenants] == [(TenantKind.LEASE, "LH"), (TenantKind.LEASE, "w1")]
+    held = state.tenants[0]
+    assert (held.size_mib, held.observed_mib, held.held_mib, held.pids) == (12288, 11059, 12288, (900,))
+    assert (held.reservation, held.label) == ("ollama", "job=42 holds=ollama")
+    assert state.tenants[1].reservation is None
+    assert state.held_mib == 12288 + 4608  # not 12288 twice: the holder's lease *is* the reservation
+    snap = describe_state(state)
+    assert [t.get("reservation") for t in snap["tenants"]] == ["ollama", None]
+    assert "reservation" not in snap["tenants"][1]
+
+
+def test_a_held_reservation_that_outgrew_its_holder_counts_what_it_uses() -> None:
+    (state,) = build_gpu_states(NODE, [gpu()], [proc(900, 13000, name="ollama")], [HELD_OLLAMA], [holder_lease()],
+                                GIB, proc_reader=no_proc_reader)
+    assert state.held_mib == 13000
+
+
+def test_holder_reservation_without_a_holder_counts_only_what_its_processes_use() -> None:
+    (state,) = build_gpu_states(NODE, [gpu()], [OLLAMA_PROC], [HELD_OLLAMA], [lease("w1", 4608, job="21")], GIB,
+                                proc_reader=no_proc_reader)
+    res = next(t for t in state.tenants if t.kind is TenantKind.RESERVATION)
+    assert (res.id, res.size_mib, res.observed_mib, res.held_mib, res.pids) == ("ollama", 0, 11059, 11059, (900,))
+    assert res.reservation == "ollama"
+    assert res.label == f"{UNHELD_LABEL}: process=ollama"
+    assert state.free_mib == state.usable_mib - 11059 - 4608
+    # Ollama down (its holder cancelled after the grace period): all of its declared size is leasable.
+    (idle,) = build_gpu_states(NODE, [gpu()], [], [HELD_OLLAMA], [], GIB, proc_reader=no_proc_reader)
+    assert idle.held_mib == 0 and idle.free_mib == idle.usable_mib
+    assert describe_state(idle)["tenants"][0]["reservation"] == "ollama"
+
+
+@pytest.mark.parametrize(
+    "claimant",
+    [
+        lease("u1", 6144, job="77"),  # a user's job whose comment had the holder prefix: the daemon recorded no holds
+        holder_lease(gpus=(1,)),  # a holds claim on another GPU than the reservation's
+        holder_lease(holds="vllm"),  # a claim on a reservation that is not here
+    ],
+)
+def test_a_lease_that_does_not_hold_the_reservation_is_an_ordinary_tenant(claimant: Lease) -> None:
+    (state, _) = build_gpu_states(NODE, [gpu(0), gpu(1)], [OLLAMA_PROC], [HELD_OLLAMA], [claimant], GIB,
+                                  proc_reader=no_proc_reader)
+    by_kind = {t.kind: t for t in state.tenants}
+    res = by_kind[TenantKind.RESERVATION]
+    assert (res.size_mib, res.observed_mib, res.reservation) == (0, 11059, "ollama")
+    if claimant.gpus == (0,):
+        own = by_kind[TenantKind.LEASE]
+        assert (own.observed_mib, own.reservation) == (0, None) and "holds=" not in own.label
+        assert state.held_mib == 11059 + claimant.vram_mib  # the Ollama is not inside the claimant's lease
+
+
+def test_static_reservation_ignores_a_holds_claim() -> None:
+    (state,) = build_gpu_states(NODE, [gpu()], [OLLAMA_PROC], [OLLAMA], [holder_lease()], GIB,
+                                proc_reader=no_proc_reader)
+    res = next(t for t in state.tenants if t.kind is TenantKind.RESERVATION)
+    assert (res.size_mib, res.observed_mib, res.held_mib, res.reservation) == (12288, 11059, 12288, None)
+    assert state.tenants[0].reservation is None and state.tenants[0].observed_mib == 0
+    assert state.held_mib == 12288 + 12288  # a static reservation always counts: a holder of it holds extra
+
+
+def test_only_the_first_holder_holds_a_reservation() -> None:
+    leases = [holder_lease("LH1", job="42"), holder_lease("LH2", job="43")]
+    (state,) = build_gpu_states(NODE, [gpu()], [OLLAMA_PROC], [HELD_OLLAMA], leases, GIB, proc_reader=no_proc_reader)
+    assert [(t.id, t.observed_mib, t.reservation) for t in state.tenants] == [("LH1", 11059, "ollama"),
+                                                                              ("LH2", 0, None)]
+
+
+def test_the_request_being_decided_may_hold_the_reservation() -> None:
+    """A holder job's own Prolog: its requested size covers the Ollama, so the Ollama counts nowhere."""
+    (state,) = build_gpu_states(NODE, [gpu()], [OLLAMA_PROC], [HELD_OLLAMA], [lease("w1", 4608, job="21")], GIB,
+                                proc_reader=no_proc_reader, holding="ollama")
+    assert [t.id for t in state.tenants] == ["w1"]  # not a reservation tenant, not a foreign pid:900
+    assert state.free_mib == state.usable_mib - 4608
+    # a static reservation is not released by a request that names it
+    (static,) = build_gpu_states(NODE, [gpu()], [OLLAMA_PROC], [OLLAMA], [], GIB, proc_reader=no_proc_reader,
+                                 holding="ollama")
+    assert static.held_mib == 12288
+    # a live holder already holds it: its processes stay in that lease
+    (held,) = build_gpu_states(NODE, [gpu()], [OLLAMA_PROC], [HELD_OLLAMA], [holder_lease()], GIB,
+                               proc_reader=no_proc_reader, holding="ollama")
+    assert [(t.id, t.observed_mib) for t in held.tenants] == [("LH", 11059)]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from slurm_gpuarb.arbiter import decide
 from slurm_gpuarb.explain import explain_decision, explain_decision_obj, explain_history, format_ts
 from slurm_gpuarb.model import (
@@ -157,3 +159,32 @@ def test_history_is_in_time_order_one_line_per_record() -> None:
     assert lines[1] == ("At 2023-11-15 00:13:20 UTC, agent on n1: expired lease abc of job 12 (restart 1): "
                         "ttl 2h passed.")
     assert explain_history([]) == "No decisions are recorded for it."
+
+
+# --------------------------------------------------------------------------- holder-mode reservations
+
+
+def test_holder_reservation_held_by_a_lease_is_named_with_its_lease_and_job() -> None:
+    holder = Tenant(TenantKind.LEASE, "LH1", 12 * GIB, observed_mib=11059, pids=(999,), prio="llm", priority=100,
+                    label="job=42 holds=ollama", reservation="ollama")
+    text = explain_decision_obj(decision(4 * GIB, rtx(holder, batch("L0"))))
+    assert ("Reserved: reservation ollama (holder mode) held by lease LH1 of job 42, its processes counted in that "
+            "lease (12GiB).") in text
+    assert "Leased: 2 leases held 16GiB" in text  # the holder's lease is the reservation: counted once
+
+
+def test_holder_reservation_without_a_holder_counts_what_its_processes_use() -> None:
+    unheld = Tenant(TenantKind.RESERVATION, "ollama", 0, observed_mib=11059, pids=(999,),
+                    label="holder mode, no holder job: process=ollama", reservation="ollama")
+    text = explain_decision_obj(decision(4 * GIB, rtx(unheld, batch("L0"))))
+    assert ("Reserved: reservation ollama (holder mode): no holder job — counts only what its processes use "
+            "(10.8GiB).") in text
+    assert "declared" not in text
+
+
+def test_a_holder_jobs_own_request_says_whose_memory_it_holds() -> None:
+    d = decision(12 * GIB, rtx(batch("L0")), prio="llm")
+    plain = record(d)
+    text = explain_decision(replace(plain, inputs={**d.inputs, "holds": "ollama"}))
+    assert "It is the holder job of reservation ollama (holder mode)" in text
+    assert "holder job" not in explain_decision(plain)

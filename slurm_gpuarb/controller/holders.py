@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .. import spec as specmod
 from ..errors import ConfigError, GpuArbError
+from ..holder import HOLDER_PREFIX, holder_of
 from ..logsink import log
 from ..lua import map_lease
 from ..model import LeaseSpec, Reservation, Vram
@@ -60,8 +61,6 @@ __all__ = [
     "reservation_size_mib",
 ]
 
-#: the comment text before the lease marker that names the reservation a holder job holds
-HOLDER_PREFIX: Final = "gpuarb-holder="
 HOLDER_SCRIPT: Final = ("#!/bin/sh\n# gpuarb holder job: holds a standing reservation's GPU memory in Slurm while its "
                         "service is up\nexec sleep infinity\n")
 #: probe states in which the service is there (degraded: a model partly on the CPU; busy: overloaded)
@@ -73,15 +72,6 @@ _RESTORE_ROWS: Final = 200
 def holder_job_name(reservation: str) -> str:
     """The job name of a reservation's holder (``gpuarb-hold-ollama``)."""
     return f"gpuarb-hold-{reservation}"
-
-
-def holder_of(comment: str | None) -> str | None:
-    """The reservation a job comment says it holds (``gpuarb-holder=ollama gpuarb/1: …`` → ``ollama``), else None.
-    Cheap enough for the run plane: a string test, no parsing."""
-    if not comment or not comment.startswith(HOLDER_PREFIX):
-        return None
-    name = comment[len(HOLDER_PREFIX):].split(None, 1)[0] if len(comment) > len(HOLDER_PREFIX) else ""
-    return name or None
 
 
 def reservation_size_mib(res: Reservation, status: ProbeStatus | None) -> int:

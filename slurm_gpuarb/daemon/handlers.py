@@ -27,6 +27,15 @@ replayed job_start for the same (job, restart, node) returns the lease the first
 Leases of this job's *earlier* runs still live on this node are expired first: a requeued job
 must not be refused by its own previous run.
 
+**Holder jobs.** A job whose raw comment starts with ``gpuarb-holder=<name>`` claims to be the
+controller's holder job for the holder-mode reservation ``<name>`` (:mod:`slurm_gpuarb.holder`). The
+claim is honoured only when the job runs as a privileged uid (root, or the daemon's own: the
+controller submits holders as root), ``<name>`` is a ``mode = "holder"`` reservation of this node,
+and the job got that reservation's GPU: its lease then records ``holds=<name>``, so the capacity
+model counts the reservation's processes inside it, not twice, and the holder's own request is
+checked with the reservation's processes inside its size. Anyone may write the prefix in a comment:
+any other job with it gets an ordinary lease and a warning in the log, never a refusal or a drain.
+
 **job_end** (the Epilog) releases by (job, restart count, node), idempotently, recording the
 observed peak the daemon sampled and the exit code in the release row.
 """
@@ -43,8 +52,9 @@ from typing import TYPE_CHECKING, Any
 
 from .. import __version__, protocol
 from .. import spec as specmod
-from ..config import Config, node_config
+from ..config import Config, node_config, reservations_for
 from ..errors import GpuArbError, LeaseSpecError, NotFoundError, ProtocolError
+from ..holder import holder_of
 from ..ledger import Ledger
 from ..logsink import log
 from ..model import Decision, Lease, LeaseSpec, LeaseState, TenantKind
@@ -59,6 +69,7 @@ if TYPE_CHECKING:
 __all__ = ["Handlers", "Peer", "is_slurm_node"]
 
 _BAD_SPEC_CHARS = 200  # how much of a refused comment the decision row keeps
+_HOLDER_NAME_CHARS = 64  # a reservation name from a comment is the user's text: logged at most this long
 
 
 @dataclass(frozen=True)
@@ -273,20 +284,21 @@ class Handlers:
             slurm_asked, slurm_shards = self._slurm_shards(msg.job_id, fields)
         sizing = jobs.size_job(self.cfg, msg.node, user, chosen, gpus, partition=msg.partition,
                                slurm_asked=slurm_asked, slurm_shards=slurm_shards)
+        holds = self._holds(msg, sizing.pinned, fields)
         self._end_earlier_runs(msg)
 
         def ask() -> tuple[Decision, Lease | None]:
             return arb.request_spec(
                 sizing.spec, pinned=sizing.pinned, pinned_mig_uuid=sizing.pinned_mig_uuid, preempt=False,
                 job_id=msg.job_id, restart_count=msg.restart_count, owner_uid=msg.uid, plane="prolog", gpus=gpus,
-                context=sizing.context())
+                context=sizing.context(), holds=holds)
 
         decision, lease = ask()
         if lease is None and self._cleared_stale_leases(msg.node, decision):
             decision, lease = ask()  # a finished job's lease was in the way; the ledger now says so
         grant = jobs.make_grant(base, sizing, decision, lease)
         log(self.log_as, _outcome_text(decision.outcome.value, lease), **fields, lease=grant.lease_id,
-            gpus=",".join(map(str, sizing.pinned)), mode=sizing.mode, outcome=decision.outcome.value,
+            gpus=",".join(map(str, sizing.pinned)), mode=sizing.mode, holds=holds, outcome=decision.outcome.value,
             reason=decision.reason if lease is None else None, notes="; ".join(sizing.notes) or None,
             ms=round((time.monotonic() - started) * 1000, 1))
         return protocol.ok("job_start", **protocol.job_start_to_json(grant, decision, lease))
@@ -301,6 +313,22 @@ class Handlers:
         log(self.log_as, "refused: bad spec", **fields, outcome="deny", reason=str(err))
         grant = replace(base, refused=f"gpuarb: {reason}")
         return protocol.ok("job_start", **protocol.job_start_to_json(grant, None, None))
+
+    def _holds(self, msg: protocol.JobStartMsg, pinned: tuple[int, ...], fields: dict[str, object]) -> str | None:
+        """The holder-mode reservation this job's lease holds, or None (see the module docstring)."""
+        name = holder_of(msg.comment)
+        if name is None:
+            return None
+        if msg.uid not in self._privileged:
+            log(self.log_as, "holder comment from an unprivileged job: an ordinary lease", level="warning", **fields,
+                uid=msg.uid, reservation=name[:_HOLDER_NAME_CHARS])
+            return None
+        for r in reservations_for(self.cfg, msg.node):
+            if r.name == name and r.mode == "holder" and r.gpu in pinned:
+                return name
+        log(self.log_as, "holder job for no holder-mode reservation on its GPUs here: an ordinary lease",
+            level="warning", **fields, reservation=name[:_HOLDER_NAME_CHARS], gpus=",".join(map(str, pinned)))
+        return None
 
     def _gres_slots(self, node: str) -> tuple[jobs.GresSlot, ...] | None:
         if node not in self._slots:

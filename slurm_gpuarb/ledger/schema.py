@@ -14,13 +14,16 @@ an upgrade never rewrites or loses what an older gpuarb wrote; ALTERs use op.bat
 * ``0003`` lease peaks: ``lease_peaks``, the most VRAM a lease's processes were seen holding
   (sampled by gpuarbd), so a release row can say granted vs used. A table of its own rather than
   a column of ``leases``: the lease hot path (insert, end, read) stays exactly as it was.
+* ``0004`` lease holds: ``leases.holds``, nullable, the holder-mode reservation a holder job's lease
+  holds (its processes count in that lease). A column, not a table: the capacity model needs it
+  with every live lease it reads, and older rows and writers simply leave it NULL.
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
-REVISIONS: tuple[str, ...] = ("0001", "0002", "0003")  # oldest first; must match migrations/versions
+REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004")  # oldest first; must match migrations/versions
 HEAD_REVISION = REVISIONS[-1]
 
 metadata = sa.MetaData()
@@ -50,6 +53,7 @@ leases = sa.Table(
     sa.Column("expires_at", sa.Double),
     sa.Column("ended_at", sa.Double),
     sa.Column("end_reason", sa.Text),
+    sa.Column("holds", sa.Text),  # 0004: the holder-mode reservation this lease holds
     sqlite_with_rowid=False,
 )
 

@@ -28,7 +28,7 @@ LEASE_KEYS: tuple[str, ...] = tuple(c.name for c in L.c)
 DECISION_KEYS: tuple[str, ...] = tuple(c.name for c in D.c if c.name != "id")
 _EXPECTED_LEASE_KEYS = (
     "id", "node", "gpus", "vram_mib", "min_mib", "prio", "priority", "preemptible", "state", "spec", "mig_uuid",
-    "job_id", "restart_count", "owner_uid", "pid", "created_at", "expires_at", "ended_at", "end_reason")
+    "job_id", "restart_count", "owner_uid", "pid", "created_at", "expires_at", "ended_at", "end_reason", "holds")
 if LEASE_KEYS != _EXPECTED_LEASE_KEYS:  # lease_from_tuple reads columns by position
     raise ImportError("schema.leases columns changed: update statements.lease_from_tuple")
 
@@ -46,7 +46,7 @@ _END_FILTERS: dict[str, sa.ColumnElement[bool]] = {
 
 
 _gpus_cache: dict[str, tuple[int, ...]] = {}
-# Building a frozen dataclass calls object.__setattr__ once per field (19 for a Lease): filling its
+# Building a frozen dataclass calls object.__setattr__ once per field (20 for a Lease): filling its
 # __dict__ directly makes the same object several times faster, and acquire builds one per live
 # lease of the node. Falls back to the constructor should Lease ever use __slots__ or gain a field.
 _FAST_LEASE = "__slots__" not in vars(Lease) and {f.name for f in dataclasses.fields(Lease)} == set(LEASE_KEYS)
@@ -71,7 +71,7 @@ def lease_from_tuple(r: Sequence[Any]) -> Lease:
         "created_at": float(r[15]), "spec": r[9], "min_mib": r[4], "mig_uuid": r[10], "job_id": r[11],
         "restart_count": r[12], "owner_uid": r[13], "pid": r[14],
         "expires_at": None if expires_at is None else float(expires_at),
-        "ended_at": None if ended_at is None else float(ended_at), "end_reason": r[18],
+        "ended_at": None if ended_at is None else float(ended_at), "end_reason": r[18], "holds": r[19],
     }
     if not _FAST_LEASE:
         return Lease(**fields)
@@ -87,7 +87,7 @@ def lease_params(le: Lease) -> dict[str, Any]:
             "state": le.state.value, "spec": le.spec, "mig_uuid": le.mig_uuid, "job_id": le.job_id,
             "restart_count": le.restart_count, "owner_uid": le.owner_uid, "pid": le.pid,
             "created_at": le.created_at, "expires_at": le.expires_at, "ended_at": le.ended_at,
-            "end_reason": le.end_reason}
+            "end_reason": le.end_reason, "holds": le.holds}
 
 
 class Statements:

@@ -12,6 +12,8 @@ Choices made here:
   arbiter's ``inputs["class"]``), else 0 / not preemptible. ``min_mib`` and the TTL come from
   ``decision.inputs["min_mib"]`` / ``["ttl_s"]`` when the arbiter resolved them, else from the
   spec (``min`` when absolute, ``ttl``), else none / no expiry.
+* The new lease's ``holds`` (the holder-mode reservation a holder job holds) is ``request.holds``: the
+  caller (the daemon's job_start) decides whether a job may hold one.
 * The request's decision row stores ``decision.inputs`` plus the canonical spec text under ``spec``
   (unless the inputs already have one), so ``gpuarb explain`` can show what a refused job asked for.
   Inputs whose JSON exceeds :data:`MAX_INPUTS_CHARS` are replaced by a stub naming their keys.
@@ -366,7 +368,7 @@ class Ledger:
             priority=priority, preemptible=preemptible, state=LeaseState.GRANTED, created_at=request.now,
             spec=spec_text, min_mib=min_mib, mig_uuid=decision.mig_uuid, job_id=request.job_id,
             restart_count=request.restart_count, owner_uid=request.owner_uid, pid=request.pid,
-            expires_at=request.now + ttl if ttl else None)
+            expires_at=request.now + ttl if ttl else None, holds=request.holds)
 
     # ------------------------------------------------------------------ ending leases
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -9,7 +11,7 @@ import pytest
 from slurm_gpuarb import protocol
 from slurm_gpuarb.config import Config
 from slurm_gpuarb.daemon.handlers import Handlers, Peer
-from slurm_gpuarb.model import GpuProcess, LeaseState
+from slurm_gpuarb.model import GpuProcess, LeaseState, Probe
 from slurm_gpuarb.telemetry import fake
 
 from .conftest import ROOT, USER, FakeSlurm, answer, job, start_msg
@@ -324,3 +326,76 @@ def test_a_bug_becomes_a_generic_internal_error(handlers: Handlers, monkeypatch:
     handlers._ops["status"] = boom  # type: ignore[assignment]
     resp = handlers.handle(protocol.StatusMsg(), ROOT)
     assert resp["error"] == {"kind": "InternalError", "message": protocol.INTERNAL_ERROR_MESSAGE}
+
+
+# --------------------------------------------------------------------------- job_start: holder jobs
+
+HOLDER_COMMENT = "gpuarb-holder=ollama gpuarb/1: vram=12288MiB prio=llm shards=24"  # what the controller submits
+N2_USABLE = 24564 - 354 - 1024  # the 3090 Ti: total − driver reserve − margin
+
+
+@pytest.fixture
+def holder_cfg(cfg: Config) -> Config:
+    """The test inventory with n2's Ollama (11059MiB in the fake preset) in holder mode."""
+    res = tuple(replace(r, mode="holder", probe=Probe(kind="ollama", url="http://127.0.0.1:11434"))
+                if r.name == "ollama" else r for r in cfg.reservations)
+    assert any(r.mode == "holder" for r in res)
+    return replace(cfg, reservations=res)
+
+
+@pytest.fixture
+def holder_handlers(holder_cfg: Config, slurm: FakeSlurm) -> Iterator[Handlers]:
+    with Handlers(holder_cfg, slurm=slurm, nodes=("n2",)) as h:
+        yield h
+
+
+def n2_tenants(h: Handlers) -> dict[str, tuple[str, int, int, str | None]]:
+    """n2's tenants now: id → (kind, size, observed, the holder-mode reservation it accounts for)."""
+    (state,) = h.arbitration("n2").snapshot().states
+    return {t.id: (t.kind.value, t.size_mib, t.observed_mib, t.reservation) for t in state.tenants}
+
+
+def test_holder_job_from_root_records_holds_and_is_counted_once(holder_handlers: Handlers, slurm: FakeSlurm) -> None:
+    h = holder_handlers
+    slurm.add(job("42", "n2", shards=24), job("43", "n2", shards=21))  # both run on: their leases stay live
+    # Unheld, the Ollama counts only what it uses: 11059 of its 12GiB.
+    assert n2_tenants(h) == {"ollama": ("reservation", 0, 11059, "ollama")}
+    resp = answer(h, start_msg("42", node="n2", comment=HOLDER_COMMENT, uid=0, partition="shard"))
+    g = grant_of(resp)
+    # 11059 (Ollama) + 12288 (its holder) would not fit in 23186: granted only because it is counted once.
+    assert (resp["outcome"], g.vram_mib, g.refused) == ("grant", 12288, None)
+    lease = h.ledger.get(g.lease_id or "")
+    assert (lease.holds, lease.job_id, lease.prio, lease.preemptible) == ("ollama", "42", "llm", False)
+    assert h.ledger.decisions(job_id="42")[-1].inputs["holds"] == "ollama"
+    assert n2_tenants(h) == {lease.id: ("lease", 12288, 11059, "ollama")}  # the reservation has no tenant of its own
+    # What is left is leasable to batch: usable − the holder's 12GiB (21 shards), not − 12GiB twice, and no more.
+    fits = grant_of(answer(h, start_msg("43", node="n2", comment="gpuarb/1: vram=10752MiB shards=21")))
+    assert (fits.vram_mib, fits.refused) == (10752, None) and N2_USABLE - 12288 - 10752 < 512
+    refused = grant_of(answer(h, start_msg("46", node="n2", comment="gpuarb/1: vram=512MiB shards=1"))).refused
+    assert refused is not None and "146MiB free" in refused
+    # Cancelled (its Epilog releases the lease): the reservation counts only its processes again.
+    answer(h, protocol.JobEndMsg(job_id="42", restart_count=0, node="n2"))
+    assert n2_tenants(h)["ollama"] == ("reservation", 0, 11059, "ollama")
+
+
+def test_holder_comment_from_a_user_is_an_ordinary_lease_with_a_warning(holder_handlers: Handlers,
+                                                                        log_file: Path) -> None:
+    h = holder_handlers
+    comment = "gpuarb-holder=ollama gpuarb/1: vram=4096MiB prio=batch shards=8"
+    g = grant_of(answer(h, start_msg("44", node="n2", comment=comment, uid=1000, partition="shard")))
+    assert (g.vram_mib, g.refused) == (4096, None)  # never a refusal for the prefix itself
+    assert h.ledger.get(g.lease_id or "").holds is None
+    assert n2_tenants(h)["ollama"] == ("reservation", 0, 11059, "ollama")  # the Ollama stays its own tenant
+    [line] = [ln for ln in log_file.read_text().splitlines() if "holder comment" in ln]
+    assert "unprivileged job" in line and "job=44" in line and "uid=1000" in line and "reservation=ollama" in line
+
+
+@pytest.mark.parametrize("comment", [
+    "gpuarb-holder=ollama gpuarb/1: vram=4096MiB prio=llm shards=8",  # ollama is static in this inventory
+    "gpuarb-holder=vllm gpuarb/1: vram=4096MiB prio=llm shards=8",  # no such reservation
+])
+def test_a_root_holder_comment_naming_no_holder_reservation_here_is_ordinary(handlers: Handlers, log_file: Path,
+                                                                             comment: str) -> None:
+    g = grant_of(answer(handlers, start_msg("45", node="n2", comment=comment, uid=0, partition="shard")))
+    assert g.refused is None and handlers.ledger.get(g.lease_id or "").holds is None
+    assert any("no holder-mode reservation" in ln and "job=45" in ln for ln in log_file.read_text().splitlines())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -324,3 +325,30 @@ def test_row_conversion_matches_the_dataclass() -> None:
     assert fast == lease and hash(fast) == hash(lease) and repr(fast) == repr(lease)
     with pytest.raises(AttributeError):
         fast.vram_mib = 1  # type: ignore[misc]
+
+
+def test_a_holder_jobs_lease_keeps_the_reservation_it_holds(ledger: Ledger, make_request: MakeRequest) -> None:
+    request = make_request(job_id="42", prio="llm")
+    held = take(ledger, replace(request, holds="ollama"), grant(12 * GIB, prio="llm"))
+    plain = take(ledger, make_request(job_id="43"))
+    assert (held.holds, plain.holds) == ("ollama", None)
+    assert ledger.get(held.id).holds == "ollama"
+    assert {le.id: le.holds for le in ledger.live("n1")} == {held.id: "ollama", plain.id: None}
+    seen: list[Sequence[Lease]] = []
+
+    def look(live: Sequence[Lease]) -> Decision:  # what the capacity model is handed under the lock
+        seen.append(live)
+        return grant(GIB)(live)
+
+    take(ledger, make_request(job_id="44"), look)
+    assert {le.id: le.holds for le in seen[0]} == {held.id: "ollama", plain.id: None}
+    [released] = ledger.release(job_id="42", restart_count=0, node="n1")
+    assert (released.holds, released.state) == ("ollama", LeaseState.RELEASED)
+
+
+def test_row_conversion_carries_holds() -> None:
+    lease = Lease(id="Lh", node="n2", gpus=(0,), vram_mib=12288, prio="llm", priority=1000, preemptible=False,
+                  state=LeaseState.GRANTED, created_at=1.0, job_id="42", holds="ollama")
+    params = lease_params(lease)
+    assert params["holds"] == "ollama" and LEASE_KEYS[-1] == "holds"
+    assert lease_from_tuple([params[k] for k in LEASE_KEYS]) == lease

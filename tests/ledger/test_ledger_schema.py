@@ -150,3 +150,42 @@ def test_downgrade_scripts_run(tmp_path: object) -> None:
         command.downgrade(migrate.alembic_config(conn), "base")
         assert migrate.table_names(conn) == {"alembic_version"}
     engine.dispose()
+
+
+def test_upgrade_from_0003_keeps_leases_and_adds_an_empty_holds_column(ledger_url: str, raw: sa.Engine) -> None:
+    with Ledger.open(ledger_url, create=False, check=False) as ledger:
+        assert ledger.upgrade("0003") == (None, "0003")
+    with raw.begin() as conn:
+        conn.exec_driver_sql(
+            "INSERT INTO leases (id, node, gpus, vram_mib, prio, priority, preemptible, state, spec, job_id, "
+            "restart_count, created_at) VALUES ('L03', 'n2', '0', 12288, 'llm', 1000, FALSE, 'granted', "
+            "'gpuarb/1: vram=12288MiB prio=llm shards=24', '42', 0, 1000.0)")
+        conn.exec_driver_sql("INSERT INTO lease_peaks (lease_id, peak_mib, sampled_at) VALUES ('L03', 11059, 1001.0)")
+    with pytest.raises(SchemaVersionError, match="revision 0003"):
+        Ledger.open(ledger_url)
+    with Ledger.open(ledger_url, check=False) as ledger:
+        assert ledger.upgrade() == ("0003", HEAD_REVISION)
+    with Ledger.open(ledger_url) as ledger:
+        old = ledger.get("L03")
+        assert (old.node, old.vram_mib, old.prio, old.preemptible, old.job_id, old.holds) == (
+            "n2", 12288, "llm", False, "42", None)
+        assert ledger.peaks(["L03"]) == {"L03": 11059}
+        assert [le.id for le in ledger.live("n2")] == ["L03"]
+        assert [le.id for le in ledger.release(job_id="42", restart_count=0, node="n2")] == ["L03"]
+    with raw.connect() as conn:
+        holds = {c["name"]: c for c in sa.inspect(conn).get_columns("leases")}["holds"]
+        assert holds["nullable"] is True
+        assert conn.exec_driver_sql("SELECT holds FROM leases WHERE id = 'L03'").scalar_one() is None
+
+
+def test_the_0004_upgrade_keeps_leases_indexes_and_layout(ledger_url: str, raw: sa.Engine) -> None:
+    with Ledger.open(ledger_url, create=False, check=False) as ledger:
+        ledger.upgrade("0003")
+        ledger.upgrade()
+    inspector = sa.inspect(raw)
+    assert {ix["name"] for ix in inspector.get_indexes("leases")} >= {"ix_leases_node_state", "uq_leases_live_job",
+                                                                       "ix_leases_live_expiry"}
+    if ledger_url.startswith("sqlite"):
+        with raw.connect() as conn:
+            ddl = conn.exec_driver_sql("SELECT sql FROM sqlite_master WHERE name = 'leases'").scalar_one()
+        assert "WITHOUT ROWID" in ddl.upper()  # added in place, not copied into a rowid table
