@@ -34,6 +34,7 @@ from slurm_gpuarb.slurm import JobInfo, select_adapter
 from slurm_gpuarb.telemetry import fake
 
 REPO = Path(__file__).resolve().parents[2]
+INVENTORY = REPO / "docker-slurm" / "inventory.toml"  # native-up's default
 NATIVE_UP = REPO / "docker-slurm" / "native-up"
 NATIVE_DOWN = REPO / "docker-slurm" / "native-down"
 NODES = ("n1", "n2", "n3", "n4")
@@ -401,6 +402,7 @@ def native_up(d: Path, **extra: str) -> None:
         "GPUARB_CLUSTER_HOOKS": os.environ.get("GPUARB_CLUSTER_HOOKS", "1"),
         "GPUARB_CLUSTER_DAEMON": os.environ.get("GPUARB_CLUSTER_DAEMON", "1"),
         "GPUARB_CLUSTER_LUA": "1",  # the submit plane: tests that need it off use without_submit_plane()
+        "GPUARB_CLUSTER_CONTROLLER": "0",  # tests start their own agent (test_controller.running_agent)
         # slurmdbd + MariaDB: QoS per class from the rendered gpuarb-qos.sh, QoS preemption (llm requeues
         # batch after GraceTime). The test user needs an association before it can submit.
         "WITH_DBD": "1",

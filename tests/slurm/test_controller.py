@@ -6,9 +6,9 @@
 * The RTX 3090 Ti story: an Ollama-like service on loopback holding 10.8 GiB of n2 (the fake
   telemetry's preset process, pid 4242); its reservation held by a holder job while it is up; its
   memory leasable to batch once it has been down past the grace period; reclaimed from batch within
-  GraceTime + 30 s when it returns; a ledger row at each step. Needs the holder-mode inventory
-  (``GPUARB_CLUSTER_INVENTORY=docker-slurm/inventory-holder.toml``, see that file) and slurmdbd (QoS
-  preemption); it skips itself, naming what is missing, on a cluster without them.
+  GraceTime + 30 s when it returns; a ledger row at each step. The test switches the cluster to a
+  holder-mode variant of the inventory (``RESTART=1 native-up``: n2's Ollama reservation held by a
+  holder job instead of subtracted at render time) and back.
 
 Each test starts the agent from the cluster's own install (``<dir>/venv/bin/gpuarbd``, reading
 /etc/slurm/gpuarb.toml like the hooks) and stops it with SIGTERM at its end; holder jobs it left are
@@ -25,8 +25,8 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
@@ -36,14 +36,13 @@ from slurm_gpuarb.lua import submit_tables
 from slurm_gpuarb.model import DecisionRecord, GpuProcess
 from slurm_gpuarb.slurm import JobInfo, select_adapter
 
-from .conftest import Cluster, ClusterError
+from .conftest import INVENTORY, Cluster, ClusterError, native_up
 
 pytestmark = pytest.mark.slurm
 
 QUANTUM = 512  # the inventory's [policy] quantum
 INTERVAL = "1"  # seconds between the agent's ticks here (a real site: 15)
 OLLAMA_PID, OLLAMA_MIB = 4242, 11059  # the rtx3090ti-24g preset's Ollama (10.8 GiB)
-HOLDER_INVENTORY = "docker-slurm/inventory-holder.toml"
 PREEMPT_RECORD_S = 60  # the agent records a preempted run within a few ticks of its preemptor starting
 
 
@@ -166,7 +165,7 @@ class FakeOllama:
     """An Ollama-like HTTP server on loopback: ``/api/version`` and ``/api/ps`` with one model loaded
     (10.8 GiB, all of it on the GPU). :meth:`stop` and :meth:`start` take it down and bring it back."""
 
-    def __init__(self, host: str, port: int) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.address = (host, port)
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
@@ -197,6 +196,7 @@ class FakeOllama:
 
         http.server.ThreadingHTTPServer.allow_reuse_address = True
         self._server = http.server.ThreadingHTTPServer(self.address, Handler)
+        self.address = self._server.server_address[:2]  # port 0: the one it got, kept for a restart
         self._thread = threading.Thread(target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
         self._thread.start()
 
@@ -233,63 +233,84 @@ def wait_holder_running(timeout: float) -> JobInfo:
         time.sleep(0.5)
 
 
-def test_ollama_reservation_is_held_lent_and_reclaimed(cluster: Cluster) -> None:
+STATIC = 'mode = "static"\nmatch = { process = "ollama" }\n'
+
+
+@contextlib.contextmanager
+def holder_inventory(cluster: Cluster, tmp_path: Path, probe_url: str) -> Iterator[None]:
+    """The cluster on the test inventory with n2's Ollama reservation in holder mode, probed at
+    ``probe_url``; the default inventory again afterwards (both with a restart of the daemons)."""
+    text = INVENTORY.read_text()
+    assert text.count(STATIC) == 1, "the test inventory's static Ollama reservation moved"
+    variant = tmp_path / "inventory-holder.toml"
+    variant.write_text(text.replace(STATIC, 'mode = "holder"\nmatch = { process = "ollama" }\n'
+                                            f'probe = {{ kind = "ollama", url = "{probe_url}", timeout = "1s" }}\n'
+                                            'grace = "20s"\n'))
+    try:
+        native_up(cluster.dir, GPUARB_CLUSTER_INVENTORY=str(variant), RESTART="1")
+        yield
+    finally:
+        native_up(cluster.dir, RESTART="1")
+
+
+def test_ollama_reservation_is_held_lent_and_reclaimed(cluster: Cluster, tmp_path: Path) -> None:
+    ollama = FakeOllama()
+    ollama.start()
+    host, port = ollama.address
+    try:
+        with holder_inventory(cluster, tmp_path, f"http://{host}:{port}"):
+            _story(cluster, ollama)
+    finally:
+        ollama.stop()
+    cluster.assert_nodes_healthy()
+
+
+def _story(cluster: Cluster, ollama: FakeOllama) -> None:
     cfg = installed_config(cluster)
-    res = next((r for r in cfg.reservations if r.name == "ollama" and r.mode == "holder"), None)
-    if res is None or res.probe is None:
-        pytest.skip(f"needs the holder-mode Ollama reservation on n2: GPUARB_CLUSTER_INVENTORY={HOLDER_INVENTORY}")
-    if not cluster.job_submit_lua.exists() or "preempt/qos" not in (cluster.dir / "etc" / "slurm.conf").read_text():
-        pytest.skip("needs job_submit.lua and QoS preemption (WITH_DBD=1)")
-    url = urlsplit(res.probe.url)
-    assert url.hostname in ("127.0.0.1", "localhost") and url.port, res.probe.url
-    ollama = FakeOllama(url.hostname, url.port)
+    res = next(r for r in cfg.reservations if r.name == "ollama")
+    assert res.mode == "holder" and res.probe is not None, res
     total, _ = shards_free_on_n2(cluster)
     holder_shards = -(-max(res.size_mib, OLLAMA_MIB) // QUANTUM)
     big_shards = total - holder_shards + 1  # fits n2 only without the holder
     grace = grace_time_s(cluster)
     first = last_row_id(cluster)
-    ollama.start()
-    try:
-        with running_agent(cluster):
-            # 1. Up: the holder takes the reservation's shards; batch cannot cut into them.
-            holder = wait_holder_running(timeout=60)
-            assert holder.gres_shards == holder_shards and holder.qos == "llm", holder
-            submitted = wait_row(cluster, "hold", "submitted", after=first, job_id=holder.job_id)
-            assert "ollama up" in submitted.reason and f"{holder_shards} shards" in submitted.reason
-            big = cluster.gated("-p", "shard", "--comment", f"gpuarb: vram={big_shards * QUANTUM}MiB prio=batch")
-            time.sleep(5)  # a few scheduling passes (sched_interval=2): it must still be waiting, not running
-            assert cluster.states([big])[big][0] == "PENDING", cluster.states([big])
+    with running_agent(cluster):
+        # 1. Up: the holder takes the reservation's shards; batch cannot cut into them.
+        holder = wait_holder_running(timeout=60)
+        assert holder.gres_shards == holder_shards and holder.qos == "llm", holder
+        submitted = wait_row(cluster, "hold", "submitted", after=first, job_id=holder.job_id)
+        assert "ollama up" in submitted.reason and f"{holder_shards} shards" in submitted.reason
+        big = cluster.gated("-p", "shard", "--comment", f"gpuarb: vram={big_shards * QUANTUM}MiB prio=batch")
+        time.sleep(5)  # a few scheduling passes (sched_interval=2): it must still be waiting, not running
+        assert cluster.states([big])[big][0] == "PENDING", cluster.states([big])
 
-            # 2. Down past the grace period: the holder is cancelled, its memory goes to batch.
-            ollama.stop()
-            cluster.remove_process("n2", OLLAMA_PID)
-            down = wait_row(cluster, "service", "down", after=first)
-            cancelled = wait_row(cluster, "unhold", "cancelled", after=first, timeout=res.grace_s + 60)
-            assert cancelled.ts - down.ts >= res.grace_s - 1, (down, cancelled)
-            assert "leasable to batch" in cancelled.reason and cancelled.job_id == holder.job_id
-            cluster.wait([big], {"RUNNING"}, timeout=60)
-            big_lease = cluster.wait_lease(big)
-            assert big_lease["vram_mib"] == big_shards * QUANTUM
-
-            # 3. Back: a new holder reclaims the memory from batch within GraceTime + 30 s.
-            cluster.add_process("n2", GpuProcess(pid=OLLAMA_PID, gpu_index=0, used_mib=OLLAMA_MIB, name="ollama",
-                                                 uid=999, user="ollama"))
-            ollama.start()
-            # (plus one tick of the agent and its probe: the service must be seen back first)
-            again = wait_holder_running(timeout=grace + 30 + float(INTERVAL) + 5)
-            assert again.job_id != holder.job_id
-            resubmitted = wait_row(cluster, "hold", "submitted", after=cancelled.id, job_id=again.job_id)
-            assert "back after" in resubmitted.reason
-            # The batch job was requeued, not suspended, and its run's lease revoked naming the holder.
-            info = cluster.slurm_job(big)
-            assert info.restart_count == 1 and info.state != "SUSPENDED", info
-            revoke = wait_row(cluster, "revoke", "revoke", after=first, job_id=big, timeout=PREEMPT_RECORD_S)
-            assert f"preempted by job {again.job_id}" in revoke.reason, revoke.reason
-            rows = {r["id"]: r for r in cluster.leases(big)}
-            assert rows[big_lease["id"]]["state"] == "revoked"
-    finally:
+        # 2. Down past the grace period: the holder is cancelled, its memory goes to batch.
         ollama.stop()
+        cluster.remove_process("n2", OLLAMA_PID)
+        down = wait_row(cluster, "service", "down", after=first)
+        cancelled = wait_row(cluster, "unhold", "cancelled", after=first, timeout=res.grace_s + 60)
+        assert cancelled.ts - down.ts >= res.grace_s - 1, (down, cancelled)
+        assert "leasable to batch" in cancelled.reason and cancelled.job_id == holder.job_id
+        cluster.wait([big], {"RUNNING"}, timeout=60)
+        big_lease = cluster.wait_lease(big)
+        assert big_lease["vram_mib"] == big_shards * QUANTUM
+
+        # 3. Back: a new holder reclaims the memory from batch within GraceTime + 30 s.
+        cluster.add_process("n2", GpuProcess(pid=OLLAMA_PID, gpu_index=0, used_mib=OLLAMA_MIB, name="ollama",
+                                             uid=999, user="ollama"))
+        ollama.start()
+        # (plus one tick of the agent and its probe: the service must be seen back first)
+        again = wait_holder_running(timeout=grace + 30 + float(INTERVAL) + 5)
+        assert again.job_id != holder.job_id
+        resubmitted = wait_row(cluster, "hold", "submitted", after=cancelled.id, job_id=again.job_id)
+        assert "back after" in resubmitted.reason
+        # The batch job was requeued, not suspended, and its run's lease revoked naming the holder.
+        info = cluster.slurm_job(big)
+        assert info.restart_count == 1 and info.state != "SUSPENDED", info
+        revoke = wait_row(cluster, "revoke", "revoke", after=first, job_id=big, timeout=PREEMPT_RECORD_S)
+        assert f"preempted by job {again.job_id}" in revoke.reason, revoke.reason
+        rows = {r["id"]: r for r in cluster.leases(big)}
+        assert rows[big_lease["id"]]["state"] == "revoked"
     story = [(r.action, r.outcome) for r in agent_rows(cluster, after=first) if r.inputs.get("reservation") == "ollama"]
     assert story[:4] == [("hold", "submitted"), ("service", "down"), ("unhold", "cancelled"), ("hold", "submitted")]
-    cluster.assert_nodes_healthy()
 
