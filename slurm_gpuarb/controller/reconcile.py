@@ -8,9 +8,11 @@ each earlier run's lease of a *preemptible* class: it becomes ``revoked`` (from 
 ``expired`` by :meth:`~slurm_gpuarb.ledger.Ledger.revoke_ended`; a lease still live, whose Epilog never
 ran, by :meth:`~slurm_gpuarb.ledger.Ledger.revoke`) with a reason naming the preemptor where it can
 be established: a job of a class with a higher priority that started on the lease's node within
-:data:`PREEMPTOR_BEFORE_S` before to :data:`PREEMPTOR_AFTER_S` after the run's lease ended (the
-preemptor starts once the victim's Epilog has freed the node; the slack before covers clocks of node
-and controller that differ). Among several, one whose own lease shares a GPU with the victim's wins,
+:data:`PREEMPTOR_BEFORE_S` before to :data:`PREEMPTOR_AFTER_S` after the run's lease ended, and not
+before that run began (the preemptor starts once the victim's Epilog has freed the node; the slack
+before covers node and controller clocks a little apart; a job already running when the victim
+started did not need its GPUs — on the test cluster an llm job that ended just before a short batch
+run was otherwise named). Among several, one whose own lease shares a GPU with the victim's wins,
 then the one that started closest to the end. Until :data:`PREEMPTOR_AFTER_S` has passed the agent
 waits for the preemptor to appear; then it records "requeued by Slurm (preempted, or requeued by an
 admin; …)": an admin's ``scontrol requeue`` reads the same in Slurm's listing.
@@ -38,7 +40,7 @@ if TYPE_CHECKING:
 
 __all__ = ["ORPHAN_MIN_AGE_S", "PREEMPTOR_AFTER_S", "PREEMPTOR_BEFORE_S", "Reconciler", "find_preemptor"]
 
-PREEMPTOR_BEFORE_S: Final = 30.0
+PREEMPTOR_BEFORE_S: Final = 5.0
 PREEMPTOR_AFTER_S: Final = 120.0
 ORPHAN_MIN_AGE_S: Final = 60.0
 
@@ -48,7 +50,9 @@ def find_preemptor(ctx: Context, lease: Lease, ended_at: float, jobs: list[JobIn
     cfg = ctx.cfg
     found: list[tuple[JobInfo, str]] = []
     for j in jobs:
+        # A job that was already running when the victim's run began did not need its GPUs.
         if (j.job_id == lease.job_id or lease.node not in j.nodes or j.state == "PENDING" or j.start_time is None
+                or j.start_time < lease.created_at
                 or not ended_at - PREEMPTOR_BEFORE_S <= j.start_time <= ended_at + PREEMPTOR_AFTER_S):
             continue
         cls = job_class(cfg, j, job_lease(j))

@@ -184,3 +184,18 @@ def test_ttl_expiry_is_part_of_it(controller: Controller, clock: Clock, ledger: 
     clock.advance(61)
     assert controller.tick().actions == [f"expire {got.id} (ttl)"]
     assert ledger.get(got.id).state is LeaseState.EXPIRED
+
+
+def test_a_job_running_before_the_victim_began_is_not_its_preemptor(controller: Controller, slurm: FakeSlurm,
+                                                                     clock: Clock, ledger: Ledger) -> None:
+    began = clock.now
+    first = lease(ledger, "42", at=began)
+    clock.advance(3)  # a short run: an llm job that started just before it is within seconds of its end
+    ended = clock.now
+    ledger.release(job_id="42", restart_count=0, node="n2", reason="epilog: job ended", plane="epilog", now=ended)
+    slurm.add(make_job("42", comment=BATCH, restart=1, reason="BeginTime", tres="gres:shard:16"),
+              make_job("41", state="COMPLETED", comment=LLM, nodes=("n2",), start=began - 1),
+              make_job("43", state="RUNNING", comment=LLM, nodes=("n2",), start=ended + 6))
+    clock.advance(10)
+    controller.tick()
+    assert (ledger.get(first.id).end_reason or "").startswith("preempted by job 43"), ledger.get(first.id)
