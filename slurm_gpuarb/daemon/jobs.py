@@ -344,6 +344,11 @@ def make_grant(base: Grant, sizing: Sizing, decision: Decision, lease: Lease | N
     if sizing.mig_uuids:
         # Slurm's CUDA_VISIBLE_DEVICES names the parent GPU; CUDA needs the instance's UUID.
         exports["CUDA_VISIBLE_DEVICES"] = ",".join(sizing.mig_uuids)
+    elif sizing.mode == "shard" and sizing.uuids:
+        # Slurm 22.05 gives a shard job GPU_DEVICE_ORDINAL, not CUDA_VISIBLE_DEVICES: without it CUDA
+        # would see every GPU of the node and start on GPU 0, wherever the shards are. A UUID names the
+        # GPU whether or not the cgroup hides (and so renumbers) the others.
+        exports["CUDA_VISIBLE_DEVICES"] = ",".join(sizing.uuids)
     total = min(sizing.totals.values()) if sizing.totals else lease.vram_mib
     reserved = max(sizing.reserved.values()) if sizing.reserved else 0
     exports.update(engine_exports(sizing.spec.engine, lease.vram_mib, total, reserved))

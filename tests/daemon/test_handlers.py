@@ -83,6 +83,8 @@ def test_shard_job_lease_is_shards_times_quantum(handlers: Handlers, slurm: Fake
     assert (resp["outcome"], g.vram_mib, g.gpus) == ("grant", expected, (0,))
     context = handlers.ledger.decisions(job_id="12")[-1].inputs["slurm"]
     assert (context["mode"], context["shards"], context["shards_from"]) == ("shard", expected // 512, source)
+    # Slurm gives shard jobs no CUDA_VISIBLE_DEVICES: the grant names the shards' GPU by UUID.
+    assert g.exports["CUDA_VISIBLE_DEVICES"] == "GPU-fake-rtx3090ti-24g-0"
     if source == "comment":
         assert slurm.calls == []  # the canonical comment says it: Slurm is not asked
 
@@ -92,6 +94,7 @@ def test_whole_partition_on_a_shard_gpu_takes_the_gpu_whole(handlers: Handlers, 
     g = grant_of(answer(handlers, start_msg(node="n2", partition="batch")))
     # 24564 total − 354 reserve − 1024 margin − the 12GiB ollama reservation
     assert g.vram_mib == 24564 - 354 - 1024 - 12 * 1024
+    assert "CUDA_VISIBLE_DEVICES" not in g.exports  # a whole GPU: Slurm's own value stands
 
 
 def test_shard_count_unknown_without_slurm_is_recorded_as_a_guess(cfg: Config) -> None:

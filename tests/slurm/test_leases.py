@@ -54,6 +54,7 @@ def test_shard_lease_is_shards_times_quantum(cluster: Cluster) -> None:
     for job, shards in ((plain, 4), (spec, 3)):
         env = cluster.job_env(job)
         assert env["SLURM_SHARDS_ON_NODE"] == str(shards)
+        assert env["CUDA_VISIBLE_DEVICES"] == "GPU-fake-rtx3090ti-24g-0"  # the grant's: Slurm sets none here
         assert leases[job]["vram_mib"] == shards * quantum
         assert leases[job]["node"] == "n2"
         assert env["GPUARB_VRAM_MB"] == str(shards * quantum)
