@@ -1,6 +1,6 @@
 """The controller agent (``gpuarbd --role controller``) on the real cluster.
 
-* A pending batch job with ``min=4GiB wait=10s`` that cannot start at 8 GiB is shrunk by the agent and
+* A pending batch job with ``min=4GiB wait=1m`` that cannot start at 8 GiB is shrunk by the agent and
   starts with ``GPUARB_VRAM_MB=4096`` (needs the submit plane: job_submit.lua writes the canonical
   comment the agent reads and lets the agent's update through).
 * The RTX 3090 Ti story: an Ollama-like service on loopback holding 10.8 GiB of n2 (the fake
@@ -132,19 +132,19 @@ def test_pending_job_past_wait_is_shrunk_to_min_and_runs_with_it(cluster: Cluste
         if free > 10:
             filler = cluster.gated("-p", "shard", "--comment", f"gpuarb: vram={(free - 10) * QUANTUM}MiB prio=batch")
             cluster.wait([filler], {"RUNNING"}, timeout=60)
-        job = cluster.gated("-p", "shard", "--comment", "gpuarb: vram=8GiB prio=batch min=4GiB wait=10s")
+        job = cluster.gated("-p", "shard", "--comment", "gpuarb: vram=8GiB prio=batch min=4GiB wait=1m")
         before = cluster.slurm_job(job)
-        assert before.comment == "gpuarb/1: vram=8192MiB prio=batch min=4096MiB wait=10s shards=16"
+        assert before.comment == "gpuarb/1: vram=8192MiB prio=batch min=4096MiB wait=1m shards=16"
         assert before.tres_per_node == "gres:shard:16"
 
-        row = wait_row(cluster, "shrink", "degrade", after=first, job_id=job, timeout=90)
+        row = wait_row(cluster, "shrink", "degrade", after=first, job_id=job, timeout=150)
         cluster.wait([job], {"RUNNING"}, timeout=60)
         lease = cluster.wait_lease(job)
         after = cluster.slurm_job(job)
         cluster.go(job, *([filler] if filler else []))
         assert cluster.wait([job]) == {job: "COMPLETED"}, cluster.output(job)
 
-    assert row.inputs["waited_s"] >= 10 and row.inputs["state_reason"] in ("Resources", "Priority"), row
+    assert row.inputs["waited_s"] >= 60 and row.inputs["state_reason"] in ("Resources", "Priority"), row
     assert (row.requested_mib, row.granted_mib) == (8192, 4096)
     assert after.comment == "gpuarb/1: vram=4096MiB prio=batch shards=8"
     assert after.tres_per_node == "gres:shard:8"
