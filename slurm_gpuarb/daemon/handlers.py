@@ -400,6 +400,10 @@ class Handlers:
         return protocol.ok("job_end", released=[le.id for le in released])
 
     def _health(self, msg: protocol.HealthMsg, peer: Peer) -> dict[str, Any]:
+        if self.cfg.nodes and node_config(self.cfg, msg.node) is None:
+            # A node the inventory does not list (a CPU node): no GPU of it is ours to judge, and
+            # asking its telemetry would only fail on every HealthCheckInterval.
+            return protocol.ok("health", node=msg.node, foreign=[])
         foreign = [{"pid": t.pids[0], "gpu": s.gpu.index, "mib": t.observed_mib, "name": t.label}
                    for s in self.arbitration(msg.node).snapshot().states
                    # memory no process accounts for has no PID to name: it never drains a node

@@ -256,6 +256,15 @@ def test_health_names_foreign_processes_not_leases_or_reservations(handlers: Han
     assert "python3" in foreign[0]["name"]
 
 
+def test_health_of_a_node_without_gpus_in_the_inventory_has_nothing_to_judge(handlers: Handlers,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_telemetry(node: str) -> None:
+        raise AssertionError(f"telemetry of {node} was asked")
+
+    monkeypatch.setattr(handlers, "arbitration", no_telemetry)
+    assert answer(handlers, protocol.HealthMsg(node="cpu1"))["foreign"] == []
+
+
 # --------------------------------------------------------------------------- host-plane ops and auth
 
 
