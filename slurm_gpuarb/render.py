@@ -157,10 +157,11 @@ class RenderOptions:
 
 
 def default_template_dirs() -> tuple[Path, ...]:
-    """Where the shipped templates are: inside the package when installed from a wheel that
-    carries them, else the source checkout's ``templates/``."""
+    """Where the shipped templates are: the source checkout's ``templates/`` (an editable install),
+    else ``<prefix>/share/slurm-gpuarb/templates``, where a wheel puts them (pyproject's data-files)."""
     here = Path(__file__).resolve().parent
-    return tuple(d for d in (here / "templates", here.parent / "templates") if (d / GRES_CONF).is_file())
+    shared = Path(sys.prefix) / "share" / "slurm-gpuarb" / "templates"
+    return tuple(d for d in (here.parent / "templates", shared) if (d / GRES_CONF).is_file())
 
 
 def _environment(site_dir: str | os.PathLike[str] | None) -> jinja2.Environment:

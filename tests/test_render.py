@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import textwrap
+import tomllib
 import types
 from collections.abc import Mapping
 from pathlib import Path
@@ -572,3 +573,19 @@ def test_render_command(tmp_path: Path) -> None:
     assert r.exit_code == 1 and "Error: PreemptMode=SUSPEND is refused for GPU partitions" in r.output
     r = CliRunner().invoke(cli, ["--config", str(inv), "render", "--out", str(out), "--grace-time", "soon"])
     assert r.exit_code == 2 and "is not a duration" in r.output
+
+
+def test_templates_installed_by_a_wheel_are_found(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """pyproject's data-files put the templates in <prefix>/share/slurm-gpuarb/templates."""
+    shared = tmp_path / "share" / "slurm-gpuarb" / "templates"
+    (shared / "etc" / "slurm").mkdir(parents=True)
+    (shared / render.GRES_CONF).write_text("# gres\n")
+    monkeypatch.setattr(sys, "prefix", str(tmp_path))
+    checkout = Path(render.__file__).resolve().parent.parent / "templates"
+    assert render.default_template_dirs() == (checkout, shared)
+    pyproject = tomllib.loads((checkout.parent / "pyproject.toml").read_text())
+    data = pyproject["tool"]["setuptools"]["data-files"]
+    shipped = {str(p.relative_to(checkout)) for p in checkout.rglob("*") if p.is_file()}
+    listed = {str(f.relative_to(checkout)) for dest, globs in data.items() for g in globs
+              for f in checkout.parent.glob(g) if dest.endswith(str(f.parent.relative_to(checkout.parent)))}
+    assert shipped == listed, "a template the wheel would not carry (add its folder to pyproject's data-files)"
