@@ -20,6 +20,8 @@ File reference (``*`` = required)::
     [daemon]   socket              gpuarbd's Unix socket (default /run/gpuarb/gpuarb.sock)
                state_dir           grant files for the TaskProlog, markers (default /run/gpuarb)
                log_file            hook/daemon log when /dev/log is absent (default /var/log/gpuarb/gpuarb.log)
+               gres_map_dir        `gpuarb render`'s gres-map/ (GRES index → GPU / MIG UUID per node; default
+                                   /etc/slurm/gpuarb/gres-map; a node without a file there maps by the inventory)
     [hooks]    fail_mode           open | closed: a ledger/daemon outage lets jobs run, or fails them (default open)
                deadline            a hook's own deadline, below PrologEpilogTimeout (default "10s")
     [policy]   margin              safety margin per GPU, "0MiB" allowed (default "1GiB")
@@ -66,8 +68,8 @@ A GPU's mode is its own ``mode``, else the non-``whole`` mode of the partitions 
 
 Environment twins (an empty value counts as unset): GPUARB_CONFIG (the file), GPUARB_NODE,
 GPUARB_LEDGER, GPUARB_LEDGER_PASSWORD_FILE, GPUARB_TELEMETRY, GPUARB_SOCKET, GPUARB_STATE_DIR,
-GPUARB_LOG_FILE, GPUARB_FAIL_MODE, GPUARB_HOOK_DEADLINE. ``overrides`` takes the :class:`Config`
-field names of the same settings (``ledger_url``, ``telemetry``, ``hook_deadline_s``, …); a ``None``
+GPUARB_LOG_FILE, GPUARB_GRES_MAP_DIR, GPUARB_FAIL_MODE, GPUARB_HOOK_DEADLINE. ``overrides`` takes the
+:class:`Config` field names of the same settings (``ledger_url``, ``telemetry``, ``hook_deadline_s``, …); a ``None``
 value means "not given". A telemetry backend from the environment or an override applies to every
 node, beating the file's per-node ``telemetry``.
 
@@ -194,6 +196,7 @@ class Config:
     partitions: tuple[PartitionConfig, ...] = ()
     socket_path: Path = Path("/run/gpuarb/gpuarb.sock")
     log_file: Path = Path("/var/log/gpuarb/gpuarb.log")
+    gres_map_dir: Path = Path("/etc/slurm/gpuarb/gres-map")
     fail_mode: str = "open"
     hook_deadline_s: int = 10
     state_dir: Path = Path("/run/gpuarb")
@@ -451,6 +454,7 @@ _SETTINGS: Final = (
     _Setting("socket_path", "daemon", "socket", "GPUARB_SOCKET", _parse_path, "an absolute path"),
     _Setting("state_dir", "daemon", "state_dir", "GPUARB_STATE_DIR", _parse_path, "an absolute path"),
     _Setting("log_file", "daemon", "log_file", "GPUARB_LOG_FILE", _parse_path, "an absolute path"),
+    _Setting("gres_map_dir", "daemon", "gres_map_dir", "GPUARB_GRES_MAP_DIR", _parse_path, "an absolute path"),
     _Setting("fail_mode", "hooks", "fail_mode", "GPUARB_FAIL_MODE", _parse_fail_mode, '"open" or "closed"'),
     _Setting("hook_deadline_s", "hooks", "deadline", "GPUARB_HOOK_DEADLINE", _parse_duration,
              'a duration string such as "10s"'),

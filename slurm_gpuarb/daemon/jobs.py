@@ -42,15 +42,18 @@ in-process fallback builds the same grant: it runs these same functions.
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Final
 
 from .. import engines, skus
 from ..config import Config, NodeConfig, node_config, reservations_for
 from ..errors import NodeFault, ProtocolError, RenderError
-from ..model import Decision, Engine, GpuInfo, Lease, LeaseSpec, Share, Vram
+from ..gresplan import GRES_MAP_VERSION
+from ..model import Decision, Engine, GpuInfo, Lease, LeaseSpec, MigInstance, Share, Vram
 from ..protocol import Grant
 
 __all__ = [
@@ -83,6 +86,7 @@ class GresSlot:
     device: str = ""  # the device file gres.conf binds it to (for messages)
     mig_position: int | None = None
     profile: str | None = None
+    mig_uuid: str | None = None  # from the rendered GRES map: the instance as discovered, by UUID
 
 
 @dataclass(frozen=True)
@@ -146,6 +150,9 @@ def gres_slots(cfg: Config, node: str) -> tuple[GresSlot, ...] | None:
     inv = node_config(cfg, node)
     if inv is None:
         return None
+    mapped = _read_gres_map(cfg.gres_map_dir / f"{node}.json", node, inv)
+    if mapped is not None:
+        return mapped
     slots = _derive(inv)
     from ..render import plan_node  # jinja2 comes with it: only the daemon and the fallback pay, once per node
 
@@ -158,6 +165,41 @@ def gres_slots(cfg: Config, node: str) -> tuple[GresSlot, ...] | None:
     if len(devices) != len(slots):  # plan_node and this module disagree: a bug, not a site problem
         raise NodeFault(f"node {node}: gres.conf has {len(devices)} gpu lines but the inventory maps {len(slots)}")
     return tuple(replace(s, device=d.file) for s, d in zip(slots, devices, strict=True))
+
+
+def _read_gres_map(path: Path, node: str, inv: NodeConfig) -> tuple[GresSlot, ...] | None:
+    """The slots of ``gpuarb render``'s ``gres-map/<node>.json`` (:func:`slurm_gpuarb.gresplan.gres_map`),
+    or ``None`` when there is no such file. It names each MIG instance by the UUID ``gpuarb discover``
+    found, so the order Slurm gives the lines (``AutoDetect=nvml`` sorts them itself) cannot hand a job
+    another instance. A map that cannot be read is a :class:`NodeFault`: exporting the wrong slice's
+    UUID would put the job on someone else's memory."""
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise NodeFault(f"cannot read the GRES map {path}: {e.strerror}; fix its permissions or re-render") from e
+    fix = f"re-run `gpuarb discover` and `gpuarb render` for node {node}, or remove {path} to map by the inventory"
+    try:
+        doc = json.loads(raw)
+        entries = doc["gres"]
+        if doc.get("version") != GRES_MAP_VERSION or doc.get("node") != node or not isinstance(entries, list):
+            raise ValueError(f"version {doc.get('version')!r} and node {doc.get('node')!r}, not "
+                             f"{GRES_MAP_VERSION} and {node!r}")
+        modes = {g.index: g.mode for g in inv.gpus}
+        slots = []
+        for k, entry in enumerate(entries):
+            gpu, mig_uuid, files = entry["gpu"], entry.get("mig_uuid"), entry.get("files") or [""]
+            if entry["index"] != k or type(gpu) is not int or gpu not in modes:
+                raise ValueError(f"entry {k} (index {entry['index']!r}, gpu {gpu!r}) is not GRES index {k} of a "
+                                 f"GPU the inventory lists ({sorted(modes)})")
+            if mig_uuid is not None and not isinstance(mig_uuid, str):
+                raise ValueError(f"entry {k}: mig_uuid {mig_uuid!r} is not a string")
+            slots.append(GresSlot(k, gpu, "mig" if mig_uuid else modes[gpu], device=str(files[0]),
+                                  profile=entry.get("type") if mig_uuid else None, mig_uuid=mig_uuid))
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+        raise NodeFault(f"the GRES map {path} is not one gpuarb render wrote: {e}; {fix}") from e
+    return tuple(slots)
 
 
 def _derive(inv: NodeConfig) -> tuple[GresSlot, ...]:
@@ -193,6 +235,10 @@ def pick(slots: Sequence[GresSlot] | None, indices: Sequence[int], node: str,
         if gpu is None:
             raise NodeFault(f"Slurm gave GPU {s.gpu_index} (GRES index {s.gres_index}) on node {node}, but telemetry "
                             f"sees GPUs {sorted(present)}; check the GPU and the inventory")
+        if s.mig_uuid is not None and not any(m.uuid == s.mig_uuid for m in gpu.mig_instances):
+            raise NodeFault(f"Slurm gave GRES index {s.gres_index} on node {node}, MIG instance {s.mig_uuid} of GPU "
+                            f"{s.gpu_index} by the GRES map, but the GPU has no such instance now: its MIG layout "
+                            "changed since `gpuarb discover`; re-run discover and render, then restart slurmd")
         if s.mig_position is not None and s.mig_position >= len(gpu.mig_instances):
             raise NodeFault(f"Slurm gave MIG instance {s.mig_position} of GPU {s.gpu_index} on node {node}, but the "
                             f"GPU has {len(gpu.mig_instances)} instances; recreate the MIG layout (gpuarb render mig)")
@@ -227,7 +273,7 @@ def size_job(cfg: Config, node: str, user: LeaseSpec | None, chosen: Sequence[Gr
 
     mig = [s for s in chosen if s.mode == "mig"]
     if mig:
-        instances = [by_index[s.gpu_index].mig_instances[s.mig_position or 0] for s in mig]
+        instances = [_instance(by_index[s.gpu_index], s) for s in mig]
         first = instances[0]
         if len(mig) < len(chosen):
             notes.append("the job holds MIG and whole GPUs: its lease is its first MIG instance")
@@ -279,6 +325,13 @@ def _thread_percent(cfg: Config, spec: LeaseSpec) -> int | None:
         return None
     cls = cfg.policy.classes.get(spec.prio or cfg.policy.default_class)
     return None if cls is None else cls.mps_thread_percent
+
+
+def _instance(gpu: GpuInfo, slot: GresSlot) -> MigInstance:
+    """The MIG instance a slot names: by UUID from the GRES map, else by its position in the inventory."""
+    if slot.mig_uuid is not None:
+        return next(m for m in gpu.mig_instances if m.uuid == slot.mig_uuid)  # pick() checked it is there
+    return gpu.mig_instances[slot.mig_position or 0]
 
 
 def _fit_vram(asked: Vram | None, total: int, ever: int, notes: list[str], what: str) -> Vram:

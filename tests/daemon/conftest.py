@@ -87,6 +87,7 @@ def cfg(tmp_path: Path, fake_state: Path) -> Config:
         "socket_path": str(tmp_path / "run" / "gpuarb.sock"),
         "log_file": str(tmp_path / "log" / "gpuarb.log"),
         "fake_state": str(fake_state),
+        "gres_map_dir": str(tmp_path / "gres-map"),
     })
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from slurm_gpuarb import engines
-from slurm_gpuarb.config import Config, GpuConfig, NodeConfig
+from slurm_gpuarb.config import Config, GpuConfig, NodeConfig, load
 from slurm_gpuarb.daemon import jobs
 from slurm_gpuarb.errors import NodeFault, ProtocolError
 from slurm_gpuarb.model import Decision, Engine, GpuInfo, Lease, LeaseSpec, LeaseState, Outcome, Share, Vram
@@ -55,6 +57,46 @@ def test_gres_slots_map_minors_and_mixed_nodes_explicitly(cfg: Config) -> None:
     assert [(s.gres_index, s.gpu_index, s.device, s.mig_position) for s in slots] == [
         (0, 0, "/dev/nvidia1", None), (1, 1, "/dev/nvidia0", None), (2, 2, "/dev/nvidia2", 0),
         (3, 2, "/dev/nvidia3", 1)]
+
+
+def _gres_map(cfg: Config, node: str, entries: object) -> None:
+    cfg.gres_map_dir.mkdir(parents=True, exist_ok=True)
+    (cfg.gres_map_dir / f"{node}.json").write_text(json.dumps({"version": 1, "node": node, "autodetect": "nvml",
+                                                                "gres": entries}))
+
+
+def test_a_rendered_gres_map_names_mig_instances_by_uuid(cfg: Config) -> None:
+    # Slurm's order (AutoDetect=nvml sorts the lines itself) is not the inventory's: the map decides.
+    order = [6, 5, 4, 3, 2, 1, 0]
+    _gres_map(cfg, "n3", [{"index": k, "gpu": 0, "type": "1g.10gb", "uuid": MIG[0].uuid,
+                           "mig_uuid": MIG[0].mig_instances[j].uuid, "files": ["/dev/nvidia0"]}
+                          for k, j in enumerate(order)])
+    s = _size(cfg, "n3", LeaseSpec(mig="1g.10gb"), (1,), MIG)
+    assert (s.mode, s.mig_uuids) == ("mig", (MIG[0].mig_instances[5].uuid,))
+    g = jobs.make_grant(BASE, s, *_lease(s, 9984))
+    assert g.exports["CUDA_VISIBLE_DEVICES"] == MIG[0].mig_instances[5].uuid
+    # Without the map: the inventory's order.
+    (cfg.gres_map_dir / "n3.json").unlink()
+    assert _size(cfg, "n3", LeaseSpec(mig="1g.10gb"), (1,), MIG).mig_uuids == (MIG[0].mig_instances[1].uuid,)
+
+
+def test_a_gres_map_instance_that_is_gone_is_a_node_fault(cfg: Config) -> None:
+    _gres_map(cfg, "n3", [{"index": 0, "gpu": 0, "type": "1g.10gb", "mig_uuid": "MIG-not-there", "files": []}])
+    with pytest.raises(NodeFault, match=r"MIG-not-there.*its MIG layout changed since `gpuarb discover`"):
+        _size(cfg, "n3", None, (0,), MIG)
+
+
+@pytest.mark.parametrize("doc", ["{not json", "[]", '{"version": 1, "node": "n1", "gres": []}',
+                                 '{"version": 9, "node": "n3", "gres": []}',
+                                 '{"version": 1, "node": "n3", "gres": [{"index": 1, "gpu": 0}]}',
+                                 '{"version": 1, "node": "n3", "gres": [{"index": 0, "gpu": 7}]}',
+                                 '{"version": 1, "node": "n3", "gres": [[0, 0]]}'])
+def test_a_gres_map_gpuarb_did_not_write_is_a_node_fault_naming_the_file(cfg: Config, doc: str) -> None:
+    cfg.gres_map_dir.mkdir(parents=True)
+    (cfg.gres_map_dir / "n3.json").write_text(doc)
+    with pytest.raises(NodeFault, match=r"the GRES map .*n3\.json is not one gpuarb render wrote: .*re-run "
+                                        r"`gpuarb discover` and `gpuarb render` for node n3"):
+        jobs.gres_slots(cfg, "n3")
 
 
 def test_pick_checks_gres_and_telemetry(cfg: Config) -> None:
@@ -208,3 +250,14 @@ def test_mig_leases_never_share_by_mps(cfg: Config) -> None:
     s = _size(cfg, "n3", LeaseSpec(vram=Vram(mib=4096), share=Share.MPS), (1,), MIG)
     assert s.spec.share is None and s.mps_thread_percent is None
     assert "GPUARB_SHARE" not in jobs.make_grant(BASE, s, *_lease(s, 9984)).exports
+
+
+def test_the_daemon_reads_the_gres_map_render_writes() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    maps = repo / "tests" / "data" / "golden" / "dgx-h100" / "gres-map"
+    dgx = load(repo / "templates" / "examples" / "dgx-h100.toml", env={}, overrides={"gres_map_dir": str(maps)})
+    written = json.loads((maps / "dgx01.json").read_text())["gres"]
+    slots = jobs.gres_slots(dgx, "dgx01")
+    assert slots is not None and len(slots) == len(written) == 56
+    assert [(s.gres_index, s.gpu_index, s.mig_uuid, s.profile, s.mode) for s in slots] == [
+        (e["index"], e["gpu"], e["mig_uuid"], e["type"], "mig") for e in written]
