@@ -18,6 +18,7 @@ if TYPE_CHECKING:
 
 MIGRATIONS_DIR = Path(__file__).with_name("migrations")
 VERSION_TABLE = "alembic_version"
+COMPAT_TABLE = "schema_compat"
 
 
 def table_names(conn: sa.Connection) -> set[str]:
@@ -34,6 +35,14 @@ def read_revision(conn: sa.Connection, tables: set[str] | None = None) -> str | 
     if VERSION_TABLE not in (table_names(conn) if tables is None else tables):
         return None
     row = conn.exec_driver_sql(f"SELECT version_num FROM {VERSION_TABLE}").first()
+    return None if row is None else str(row[0])
+
+
+def read_min_reader(conn: sa.Connection, tables: set[str] | None = None) -> str | None:
+    """The oldest revision whose gpuarb can use this schema (``schema_compat``, from 0005), or None."""
+    if COMPAT_TABLE not in (table_names(conn) if tables is None else tables):
+        return None
+    row = conn.exec_driver_sql(f"SELECT min_reader FROM {COMPAT_TABLE}").first()
     return None if row is None else str(row[0])
 
 

@@ -17,13 +17,17 @@ an upgrade never rewrites or loses what an older gpuarb wrote; ALTERs use op.bat
 * ``0004`` lease holds: ``leases.holds``, nullable, the holder-mode reservation a holder job's lease
   holds (its processes count in that lease). A column, not a table: the capacity model needs it
   with every live lease it reads, and older rows and writers simply leave it NULL.
+* ``0005`` schema compat: ``schema_compat.min_reader``, the oldest revision whose gpuarb can use
+  the schema. A gpuarb that finds a revision newer than its own opens it anyway when it knows
+  ``min_reader`` (a rolling upgrade: the ledger first, then the hosts); each later migration keeps
+  the row true (additive: leave it; breaking: set it to its own revision).
 """
 
 from __future__ import annotations
 
 import sqlalchemy as sa
 
-REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004")  # oldest first; must match migrations/versions
+REVISIONS: tuple[str, ...] = ("0001", "0002", "0003", "0004", "0005")  # oldest first; must match migrations/versions
 HEAD_REVISION = REVISIONS[-1]
 
 metadata = sa.MetaData()
@@ -105,6 +109,12 @@ nodes = sa.Table(
     "nodes",
     metadata,
     sa.Column("name", sa.Text, primary_key=True),
+)
+
+schema_compat = sa.Table(
+    "schema_compat",
+    metadata,
+    sa.Column("min_reader", sa.Text, nullable=False),
 )
 
 lease_peaks = sa.Table(

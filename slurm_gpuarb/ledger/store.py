@@ -114,7 +114,8 @@ class Ledger:
 
         ``create``: a new, empty database is initialised to the head revision (under a lock, so many
         processes opening a fresh ledger at once do not race). An existing database is never
-        migrated here. ``check``: raise SchemaVersionError unless the schema is at the head revision;
+        migrated here. ``check``: raise SchemaVersionError unless the schema is at the head revision, or
+        newer with a ``schema_compat.min_reader`` this gpuarb knows (a rolling upgrade);
         ``gpuarb db upgrade`` opens with ``check=False`` and then calls :meth:`upgrade`.
         ``password_file``: a 0600 file holding the PostgreSQL password.
         """
@@ -152,11 +153,14 @@ class Ledger:
         with self._read("read the schema version") as conn:
             tables = migrate.table_names(conn)
             rev = migrate.read_revision(conn, tables)
+            min_reader = migrate.read_min_reader(conn, tables)
         if rev is None and not tables and create:
             rev = self._migrate("head")[1]
             tables = {migrate.VERSION_TABLE}
         if not check or rev == HEAD_REVISION:
             return
+        if rev is not None and rev not in REVISIONS and min_reader in REVISIONS:
+            return  # a newer schema that says this gpuarb can still use it: a rolling upgrade
         if rev is None and tables:
             raise LedgerError(f"{self.url} holds tables ({', '.join(sorted(tables)[:5])}) but no gpuarb schema "
                               "version: it is not a gpuarb ledger; point the ledger URL at an empty database")
@@ -169,8 +173,9 @@ class Ledger:
             return SchemaVersionError(f"ledger schema is at revision {rev}, this gpuarb needs {HEAD_REVISION}: run "
                                       "`gpuarb db upgrade`")
         return SchemaVersionError(
-            f"ledger schema is at revision {rev}, which this gpuarb does not know (it needs {HEAD_REVISION}): a newer "
-            "gpuarb upgraded the ledger; upgrade gpuarb on this host too")
+            f"ledger schema is at revision {rev}, which this gpuarb does not know (it needs {HEAD_REVISION}), and the "
+            "schema does not say this gpuarb can use it (schema_compat): a newer gpuarb upgraded the ledger; "
+            "upgrade gpuarb on this host too")
 
     def revision(self) -> str | None:
         """The schema revision the database is at (None: not initialised)."""

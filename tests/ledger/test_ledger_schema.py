@@ -95,10 +95,33 @@ def test_an_unknown_newer_revision_is_refused(ledger_url: str, raw: sa.Engine) -
     Ledger.open(ledger_url).close()
     with raw.begin() as conn:
         conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+        conn.exec_driver_sql("UPDATE schema_compat SET min_reader = '0099'")  # 0099 broke older readers
     with pytest.raises(SchemaVersionError, match=r"0099, which this gpuarb does not know.*upgrade gpuarb"):
         Ledger.open(ledger_url)
     with Ledger.open(ledger_url, check=False) as ledger, pytest.raises(SchemaVersionError, match="0099"):
         ledger.upgrade()
+
+
+def test_a_newer_revision_this_gpuarb_can_read_is_used(ledger_url: str, raw: sa.Engine) -> None:
+    """A rolling upgrade: the ledger went to 0099 first; this host's gpuarb is older but 0099 says
+    (schema_compat) that gpuarb from HEAD_REVISION on can still use it."""
+    Ledger.open(ledger_url).close()
+    with raw.begin() as conn:
+        conn.exec_driver_sql("UPDATE alembic_version SET version_num = '0099'")
+        conn.exec_driver_sql(f"UPDATE schema_compat SET min_reader = '{HEAD_REVISION}'")
+    with Ledger.open(ledger_url, create=False) as ledger:
+        ledger.record(plane="cli", action="note", outcome="noop", node="n1", reason="still works")
+        assert ledger.revision() == "0099"
+        assert [r.reason for r in ledger.decisions()] == ["still works"]
+    with Ledger.open(ledger_url, check=False) as ledger, pytest.raises(SchemaVersionError, match="0099"):
+        ledger.upgrade()  # an older gpuarb never migrates a newer ledger
+
+
+def test_a_fresh_ledger_says_which_gpuarb_can_read_it(ledger_url: str, raw: sa.Engine) -> None:
+    Ledger.open(ledger_url).close()
+    with raw.connect() as conn:
+        # 0005 introduced the row; later migrations move it only when they break older readers.
+        assert conn.exec_driver_sql("SELECT min_reader FROM schema_compat").all() == [("0005",)]
 
 
 @pytest.mark.parametrize("statement", [
