@@ -203,6 +203,11 @@ class Reservation:
     probe: Probe | None = None  # required for mode="holder": the controller follows the service's health
     grace_s: float = 300.0  # how long the service may be down before the controller cancels its holder job
 
+    def held_mib(self, observed_mib: int | None) -> int:
+        """What the reservation holds: max(declared size, what its service was seen using). Ollama
+        unloads idle models (then reports 0) and loads bigger ones on demand: the size is the floor."""
+        return max(self.size_mib, observed_mib or 0)
+
 
 @dataclass(frozen=True)
 class ServiceConfig:

@@ -15,7 +15,7 @@ The holder job is ``sbatch -J gpuarb-hold-<name> -p <partition> -w <node> --qos 
 <holder_time_limit> --no-requeue`` with a script that only sleeps, and the comment
 ``gpuarb-holder=<name> gpuarb/1: vram=<N × quantum>MiB prio=<class> shards=N``: the canonical lease
 job_submit.lua maps to ``gres:shard:N`` (it sets the GRES; the holder asks for none itself), where
-N covers the reservation's size, max(declared, observed) (:func:`reservation_size_mib`). The class
+N covers the reservation's size, max(declared, observed) (:meth:`.Reservation.held_mib`). The class
 is ``holder_class`` or else the non-preemptible class of highest priority (``llm``); the partition
 ``holder_partition`` or else the first partition holding the node that admits the class, one whose
 mode is the GPU's own preferred (a shard GPU is held with shards, not whole). Shards on a node with
@@ -58,7 +58,6 @@ __all__ = [
     "holder_job_name",
     "holder_of",
     "plan_holder",
-    "reservation_size_mib",
 ]
 
 HOLDER_SCRIPT: Final = ("#!/bin/sh\n# gpuarb holder job: holds a standing reservation's GPU memory in Slurm while its "
@@ -72,14 +71,6 @@ _RESTORE_ROWS: Final = 200
 def holder_job_name(reservation: str) -> str:
     """The job name of a reservation's holder (``gpuarb-hold-ollama``)."""
     return f"gpuarb-hold-{reservation}"
-
-
-def reservation_size_mib(res: Reservation, status: ProbeStatus | None) -> int:
-    """max(declared, observed): Ollama unloads idle models, so what it holds now may be less than it needs.
-    The rule of ``slurm_gpuarb.services.reservation_size_mib``, for any :class:`~.common.ProbeStatus`
-    (that one wants the services module's own status type)."""
-    observed = status.observed_vram_mib if status is not None else None
-    return max(res.size_mib, observed or 0)
 
 
 # --------------------------------------------------------------------------- what to submit
@@ -221,9 +212,9 @@ class Holders:
 
     def _plan(self, res: Reservation, status: ProbeStatus | None) -> HolderPlan:
         s = self.ctx.settings
-        return plan_holder(self.ctx.cfg, self.ctx.tables(), res, reservation_size_mib(res, status),
-                           holder_class=s.holder_class, holder_partition=s.holder_partition,
-                           time_limit=s.holder_time_limit)
+        size = res.held_mib(status.observed_vram_mib if status is not None else None)
+        return plan_holder(self.ctx.cfg, self.ctx.tables(), res, size, holder_class=s.holder_class,
+                           holder_partition=s.holder_partition, time_limit=s.holder_time_limit)
 
     def _submit(self, res: Reservation, status: ProbeStatus, down_since: float | None, now: float) -> str:
         plan = self._plan(res, status)

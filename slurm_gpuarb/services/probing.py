@@ -159,8 +159,7 @@ def reservation_size_mib(res: Reservation, status: ServiceStatus | None) -> int:
     """
     if status is not None and status.reservation not in (None, res.name):
         raise ValueError(f"status of {status.name!r} is for reservation {status.reservation!r}, not {res.name!r}")
-    observed = status.observed_vram_mib if status is not None else None
-    return max(res.size_mib, observed or 0)
+    return res.held_mib(status.observed_vram_mib if status is not None else None)
 
 
 def status_to_json(status: ServiceStatus, reservation: Reservation | None = None) -> dict[str, Any]:
