@@ -19,7 +19,10 @@ import os
 import shutil
 import signal
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+
+import pytest
 
 from slurm_gpuarb import mps
 
@@ -93,3 +96,15 @@ class FakeControl:
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def installed(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeControl]:
+    """A :class:`FakeControl` that :func:`slurm_gpuarb.mps.find_control` finds (and nothing else), closed
+    afterwards: the Prolog's and the benchmark's MPS start path run against it."""
+    f = FakeControl()
+    monkeypatch.setattr(mps, "SEARCH_DIRS", (str(f.bin),))
+    try:
+        yield f
+    finally:
+        f.close()

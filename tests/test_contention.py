@@ -14,7 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from mpsfake import FakeControl
+from mpsfake import FakeControl, installed
 
 from slurm_gpuarb import mps, subproc
 
@@ -123,12 +123,8 @@ def test_without_torch_or_gpu_it_exits_2_and_writes_nothing(tmp_path: Path, miss
 
 @pytest.fixture
 def fake_mps(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeControl]:
-    f = FakeControl()
-    monkeypatch.setattr(mps, "SEARCH_DIRS", (str(f.bin),))
-    try:
+    with installed(monkeypatch) as f:
         yield f
-    finally:
-        f.close()
 
 
 def test_dry_run_wires_leases_knobs_and_mps_into_the_workers(tmp_path: Path, stub_torch: Path,

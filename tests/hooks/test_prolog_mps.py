@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from mpsfake import FakeControl
+from mpsfake import FakeControl, installed
 
 from slurm_gpuarb import mps
 from slurm_gpuarb.hooks import common, grants, prolog, task_prolog
@@ -30,12 +30,8 @@ MPS_EXPORTS = {"GPUARB_VRAM_MB": "4096", "GPUARB_LEASE_ID": "L1", "GPUARB_PRIO":
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeControl]:
-    f = FakeControl()
-    monkeypatch.setattr(mps, "SEARCH_DIRS", (str(f.bin),))
-    try:
+    with installed(monkeypatch) as f:
         yield f
-    finally:
-        f.close()
 
 
 @pytest.fixture
