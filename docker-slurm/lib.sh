@@ -54,6 +54,19 @@ stop() {
   for i in "${!pids[@]}"; do rm -f "${files[$i]}"; ts "stopped $comm ${pids[$i]} ($(basename "${files[$i]}"))"; done
 }
 
+# stop_slurm_and_gpuarbd: every slurmd, then gpuarbd (node daemon and controller agent), then
+# slurmctld. native-down and a RESTART=1 native-up stop them alike. The slurmd first: the Epilogs of
+# jobs killed on the way down still find the daemon.
+stop_slurm_and_gpuarbd() {
+  local had_nullglob=0
+  shopt -q nullglob && had_nullglob=1
+  shopt -s nullglob
+  stop slurmd "$D"/run/slurmd-*.pid
+  stop gpuarbd "$D/run/gpuarbd.pid" "$D/run/gpuarbd-controller.pid"
+  stop slurmctld "$D/run/slurmctld.pid"
+  [ "$had_nullglob" = 1 ] || shopt -u nullglob
+}
+
 # make_dirs: the state directory tree (root-owned; out/ is for job output of any user).
 make_dirs() {
   install -d -m 0755 "$D" "$D"/{etc,run,log,spool,spool/ctld,spool/d,dev,state,state/run,fake,hooks}

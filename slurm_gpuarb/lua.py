@@ -393,10 +393,11 @@ def _lease_gres(job: JobRequest, choice: GresChoice, *, cli: bool) -> str:
     lease GRES, ``gpu:h100:1`` for ``gpu:1``): asking twice for the same thing is asking once, and
     scripts that already pass ``--gres=gpu:1`` keep working. Anything else is refused."""
     want_name, want_types, want_count = _gres_item(choice.gres)
+    agreeing = _agreeing_fields(cli)
     agreed: str | None = None
     for name, flag in GPU_FIELDS:
         value = getattr(job, name)
-        if name not in _agreeing_fields(cli) or not value:
+        if name not in agreeing or not value:
             continue
         gpu_items = [i for i in value.split(",") if i and _asks_for_gpus(i, any_value=False)]
         if not gpu_items:
